@@ -1,0 +1,113 @@
+"""The public API: transform, plan, set_routing, routing_stats."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .capture import capture
+from .config import MoDConfig
+from .errors import ModfxError
+from .module import ROUTING_MODES, MoDModule, program
+from .passes import run_pipeline
+from .plan import Plan, make_plan
+
+
+def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDConfig | None = None, *,
+              example_kwargs: dict | None = None, **overrides) -> MoDModule:
+    """Turn `model` into a Mixture-of-Depths model.
+
+    Args:
+        model: any nn.Module that torch.export can capture and whose graph holds repeated residual
+            blocks (e.g. `layers.0..N`). It is not modified.
+        example_inputs: a tuple of positional example arguments (a single tensor is accepted too).
+        config: a `MoDConfig`; keyword `overrides` (capacity=, every=, ...) replace its fields.
+        example_kwargs: keyword example arguments.
+
+    Returns:
+        A new `nn.Module` with the same call signature and output structure as `model`, in which the
+        routed blocks process only the top-k tokens of each sequence.
+
+    Example:
+        >>> mod = modfx.transform(model, (ids,), capacity=0.125, every=2)
+    """
+    if not isinstance(model, nn.Module):
+        raise ModfxError(f"transform expects an nn.Module, got {type(model).__name__}")
+    config = config or MoDConfig()
+    if not isinstance(config, MoDConfig):
+        raise ModfxError(f"config must be a modfx.MoDConfig, got {type(config).__name__}")
+    try:
+        config = dataclasses.replace(config, **overrides)
+    except TypeError as e:
+        fields = ", ".join(f.name for f in dataclasses.fields(MoDConfig))
+        raise ModfxError(f"unknown MoDConfig field in {sorted(overrides)}; fields are: {fields}") from e
+    args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
+
+    cap = capture(model, args, kwargs)
+    first = next(iter(cap.modules.values()))
+    mod = MoDModule(first)
+    mod.train(model.training)
+    for mode in ROUTING_MODES[:1]:
+        for training, graph in cap.graphs.items():
+            with warnings.catch_warnings():  # deep-copying the pytree codegen warns on torch 2.13
+                warnings.simplefilter("ignore", FutureWarning)
+                g = copy.deepcopy(graph)
+            result = run_pipeline(g, mod, config, cap.seq_expr, mode)
+            out = g.output_node()
+            flat_outs = tuple(out.args[0])
+            out.args = (flat_outs + tuple(result.stats),)
+            mod.adopt_attrs(cap.modules[training], g)
+            mod._programs[(mode, training)] = program(mod, g)
+    mod._in_spec, mod._out_spec = cap.in_spec, cap.out_spec
+    mod._n_outputs = cap.out_spec.num_leaves
+    mod.modfx_plan = make_plan(result, config, cap)
+    mod.modfx_config = config
+    return mod
+
+
+def plan(mod: nn.Module) -> Plan:
+    """What `transform` found and did: one row per block (name, index, routed, capacity, side inputs)."""
+    p = getattr(mod, "modfx_plan", None)
+    if p is None:
+        raise ModfxError(f"{type(mod).__name__} is not a modfx-transformed module; call modfx.transform(model, ...) first")
+    return p
+
+
+def set_routing(mod: nn.Module, mode: str) -> nn.Module:
+    """Route with top-k over the sequence ("topk", training) or the causal predictor ("predictor")."""
+    plan(mod)
+    if mode not in ROUTING_MODES:
+        raise ModfxError(f"unknown routing mode {mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+    if (mode, mod.training) not in mod._programs:
+        raise ModfxError(f"routing mode {mode!r} is not available: the transform was built with predictor=False")
+    mod._routing = mode
+    return mod
+
+
+def _normalise_inputs(example_inputs, example_kwargs):
+    import torch
+
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    elif isinstance(example_inputs, dict) and example_kwargs is None:
+        args, example_kwargs = (), example_inputs
+    else:
+        raise ModfxError(
+            f"example_inputs must be a tuple of positional arguments (or one tensor), got {type(example_inputs).__name__}; "
+            "e.g. modfx.transform(model, (input_ids,)) or modfx.transform(model, example_kwargs={'input_ids': ids})"
+        )
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        raise ModfxError(
+            "example inputs are needed to capture the model: pass them as modfx.transform(model, (input_ids,)) "
+            "or modfx.transform(model, example_kwargs={...})"
+        )
+    return args, kwargs

@@ -1,0 +1,110 @@
+"""Capture: `torch.export` (non-strict) of a copy of the user's model, with the batch and token axes of
+its inputs dynamic, in the training modes whose graphs differ (dropout fixes its mode at capture)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import Graph, GraphModule
+from torch.utils import _pytree as pytree
+
+from .errors import ModfxError
+from .passes.graph_utils import expr
+
+
+@dataclasses.dataclass
+class Capture:
+    graphs: dict[bool, Graph]  # by `training`; one graph for both when the mode changes nothing
+    modules: dict[bool, GraphModule]  # the unlifted modules the graphs came from (own the weights)
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    seq_expr: sympy.Expr | None  # length of the inputs' token axis (a symbol when dynamic)
+    example_inputs: tuple[tuple, dict]
+    non_persistent: set[str]  # buffer names the user's model does not save
+
+
+def dynamic_shapes_for(args: tuple, kwargs: dict):
+    """Batch and token axes dynamic: ids/masks [B, S, ...] and hidden-like floats [B, S, F] get both;
+    images and other inputs keep static token axes (their sequence is derived inside the model)."""
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        if t.dim() == 2 or (t.dim() == 3 and t.is_floating_point()) or (t.dim() >= 2 and not t.is_floating_point()):
+            return {0: Dim.AUTO, 1: Dim.AUTO}
+        return {0: Dim.AUTO}
+
+    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+
+
+def _mode_dependent(graph: Graph) -> bool:
+    """True if the graph holds an op whose result depends on the training flag it was captured in
+    (an argument named train/training set, or a dropout probability > 0)."""
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None:
+            continue
+        for i, a in enumerate(schema.arguments):
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value)
+            if a.name in ("train", "training") and v is True:
+                return True
+            if a.name in ("p", "dropout_p") and isinstance(v, float) and v > 0 and "dropout" in str(n.target) + a.name:
+                return True
+    return False
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs)
+    dynamic = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {**_arg_names(model, dyn_args), **dyn_kwargs}
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with advice, cause kept
+        raise ModfxError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "modfx needs a model torch.export can trace: no data-dependent Python control flow (branches on "
+            "tensor values, .item()), no unsupported Python side effects. Rewrite such branches with "
+            "torch.where / torch.cond, or check `torch.export.export(model, example_inputs, strict=False)` alone."
+        ) from e
+
+
+def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters]
+    return dict(zip(names, dyn_args))
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
+    """Export a deep copy of `model` (the user's model is never touched)."""
+    twin = copy.deepcopy(model)
+    ep = _export(twin, args, kwargs)
+    first = twin.training
+    modules = {first: ep.module()}
+    if _mode_dependent(modules[first].graph):
+        twin.train(not first)
+        modules[not first] = _export(twin, args, kwargs).module()
+    else:
+        modules[not first] = modules[first]
+    graphs = {mode: gm.graph for mode, gm in modules.items()}
+
+    seq_expr = None
+    for ph in modules[first].graph.find_nodes(op="placeholder"):
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and isinstance(v.shape[1], torch.SymInt):
+            seq_expr = expr(v.shape[1])
+            break
+    return Capture(
+        graphs,
+        modules,
+        modules[first]._in_spec,
+        modules[first]._out_spec,
+        seq_expr,
+        (args, kwargs),
+        set(ep.graph_signature.non_persistent_buffers),
+    )

@@ -1,0 +1,84 @@
+"""`MoDConfig`: what to route and how."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+from .errors import ModfxError
+
+WEIGHTINGS = ("raw", "sigmoid", "none", "ste")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoDConfig:
+    """Configuration of the Mixture-of-Depths transform.
+
+    capacity: fraction of the sequence a routed block processes; k = ceil(capacity * S), at least 1.
+    every: route every `every`-th block, starting with the second (blocks 1, 3, 5, ... for every=2;
+        1, 4, 7, ... for every=3; all blocks for every=1).
+    blocks: explicit block indices to route; overrides `every`.
+    weighting: how the router score r scales the block's contribution f(x) for a chosen token:
+        "raw" x + r * f(x) (the paper), "sigmoid" x + sigmoid(r) * f(x), "none" x + f(x) (select only),
+        "ste" x + (1 + r - stopgrad(r)) * f(x) (forward unchanged, router learns by straight-through).
+    predictor: add the causal predictor branch (a small MLP on stopgrad(x), BCE vs top-k membership).
+    predictor_hidden: hidden width of the predictor MLP (default max(d_model // 8, 16)).
+    aux_loss_weight: weight of the predictor's BCE loss, injected into the backward pass.
+    check_flops: run the FLOP budget check after the rewrite.
+    """
+
+    capacity: float = 0.125
+    every: int = 2
+    blocks: tuple[int, ...] | None = None
+    weighting: str = "raw"
+    predictor: bool = True
+    predictor_hidden: int | None = None
+    aux_loss_weight: float = 0.01
+    check_flops: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)):
+            raise ModfxError(f"capacity must be a number in (0, 1], got {self.capacity!r}")
+        if not 0.0 < float(self.capacity) <= 1.0:
+            raise ModfxError(
+                f"capacity must be in (0, 1] (the fraction of tokens a routed block processes), "
+                f"got {self.capacity}; e.g. capacity=0.125 routes 12.5% of the tokens"
+            )
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ModfxError(f"every must be an integer >= 1 (route every n-th block), got {self.every!r}")
+        if self.blocks is not None:
+            blocks = tuple(self.blocks)
+            if not blocks:
+                raise ModfxError("blocks is empty: give at least one block index to route, or blocks=None to use `every`")
+            if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+                raise ModfxError(f"blocks must be non-negative integer block indices, got {self.blocks!r}")
+            if len(set(blocks)) != len(blocks):
+                raise ModfxError(f"blocks has repeated indices: {self.blocks!r}")
+            object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+        if self.weighting not in WEIGHTINGS:
+            raise ModfxError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if self.predictor_hidden is not None and (not isinstance(self.predictor_hidden, int) or self.predictor_hidden < 1):
+            raise ModfxError(f"predictor_hidden must be a positive integer or None, got {self.predictor_hidden!r}")
+        if not float(self.aux_loss_weight) >= 0.0:
+            raise ModfxError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}")
+
+    @property
+    def capacity_fraction(self) -> Fraction:
+        """capacity as an exact fraction, so k = ceil(num * S / den) stays in integer arithmetic."""
+        return Fraction(self.capacity).limit_denominator(1 << 16)
+
+    def k(self, seq_len: int) -> int:
+        """Tokens a routed block processes at sequence length `seq_len`: ceil(capacity * S), at least 1."""
+        c = self.capacity_fraction
+        return max(1, -(-seq_len * c.numerator // c.denominator))
+
+    def routed(self, n_blocks: int) -> tuple[int, ...]:
+        """Indices of the blocks to route among `n_blocks` found."""
+        if self.blocks is not None:
+            bad = [b for b in self.blocks if b >= n_blocks]
+            if bad:
+                raise ModfxError(
+                    f"blocks {bad} out of range: the model has {n_blocks} blocks (indices 0..{n_blocks - 1})"
+                )
+            return self.blocks
+        return tuple(i for i in range(n_blocks) if i % self.every == 1 % self.every)

@@ -1,0 +1,73 @@
+"""`MoDModule`: the nn.Module that `modfx.transform` returns.
+
+It owns the captured model's parameters under their original names (plus `<block>.mod_router` and
+`<block>.mod_predictor`), and a small table of compiled-to-Python FX programs, one per graph variant:
+(routing mode, training flag). `forward` flattens the call like the original signature, runs the program
+for the current mode with `self` as the owner of every weight, and rebuilds the original output structure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import CodeGen, Graph, GraphModule
+from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
+
+from .errors import ModfxError
+
+ROUTING_MODES = ("topk", "predictor")
+
+
+def program(owner: nn.Module, graph: Graph):
+    """The Python function an FX graph compiles to, taking the module that owns its weights as `self`
+    (so every variant reads the same, current parameters and buffers, also after `.to()`)."""
+    graph._codegen = CodeGen()  # flat inputs -> flat outputs; MoDModule does the pytree work
+    return type(GraphModule(owner, graph)).forward
+
+
+class MoDModule(nn.Module):
+    def __init__(self, owner_of: GraphModule):
+        super().__init__()
+        for name, child in owner_of.named_children():
+            self.add_module(name, child)
+        for name, p in owner_of.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in owner_of.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in owner_of._non_persistent_buffers_set)
+        self._programs: dict[tuple[str, bool], object] = {}
+        self._routing = "topk"
+        self._in_spec = None
+        self._out_spec = None
+        self._n_outputs = 0
+        self._stats: tuple = ()
+        self.modfx_plan = None
+
+    def adopt_attrs(self, gm: GraphModule, graph: Graph) -> None:
+        """Make every attribute the graph reads resolvable on self (constants, extra buffers)."""
+        for n in graph.nodes:
+            if n.op in ("get_attr", "call_module"):
+                top = n.target.split(".")[0]
+                if not hasattr(self, top):
+                    val = getattr(gm, top)
+                    if isinstance(val, nn.Module):
+                        self.add_module(top, val)
+                    elif isinstance(val, torch.Tensor) and not isinstance(val, nn.Parameter):
+                        self.register_buffer(top, val, persistent=False)
+                    else:
+                        setattr(self, top, val)
+
+    def forward(self, *args, **kwargs):
+        try:
+            flat = fx_pytree.tree_flatten_spec((list(args), kwargs), self._in_spec)
+        except Exception as e:  # noqa: BLE001
+            raise ModfxError(
+                "the transformed module was called with arguments whose structure differs from the example "
+                f"inputs it was captured with (expected {self._in_spec}); call it like the example, or "
+                "transform again with example inputs of the structure you will use"
+            ) from e
+        key = (self._routing, self.training)
+        outs = self._programs[key](self, *flat)
+        n = self._n_outputs
+        self._stats = tuple(outs[n:])
+        return pytree.tree_unflatten(list(outs[:n]), self._out_spec)

@@ -1,0 +1,247 @@
+"""Block discovery: find the repeated residual blocks of a captured transformer.
+
+    before: a flat aten graph whose nodes carry nn_module_stack, e.g.
+        h0 = embedding(ids)                          # []
+        a  = linear(layer_norm(h0), ...)             # [model.layers.0, ...]
+        h1 = add(h0, a) ...                          # [model.layers.0]
+        h2 = ...                                     # [model.layers.1]
+    after:  the same graph, plus a list of `Block`s: for each block its region of nodes, its residual
+        input x [B, S, D], its output [B, S, D], its per-token side inputs (with the axes that run over
+        tokens), the symbolic sizes it reads, and how its residual contribution f(x) can be read off.
+
+A block is a module path ending in an integer (an element of a ModuleList/Sequential: `layers.3`)
+whose nodes form one region that maps a hidden state [B, S, D] to a hidden state of the same shape and
+contains a residual add of that input. Among the groups of such sibling paths (`<prefix>.0..N`), the
+group with the most valid members wins (ties: the shallowest). Nothing here knows model or class names.
+
+Contract: requires meta['val'] and nn_module_stack on call_function nodes (torch.export guarantees both);
+ensures each block's region is contiguous in graph order (independent interleaved nodes are moved ahead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+
+import sympy
+import torch
+from torch.fx import Graph, Node
+
+from ..errors import ModfxError
+from .graph_utils import aten, module_paths, shape_exprs
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+# Ops that pass the residual stream through unchanged when they keep dtype and shape.
+_IDENTITY_OPS = {
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+}
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclasses.dataclass
+class SideInput:
+    node: Node  # the value defined outside the block
+    seq_axes: tuple[int, ...]  # axes that run over the tokens
+    batch_axis: int  # axis over the batch (size B, or 1 and broadcast)
+    broadcast_batch: bool  # the batch axis has size 1
+
+
+@dataclasses.dataclass
+class Block:
+    name: str  # qualified module name, e.g. "model.layers.3"
+    index: int  # position among the blocks found
+    nodes: list[Node]  # the region, in graph order
+    x: Node  # residual input   [B, S, D] (or [S, B, D])
+    out: Node  # block output   same shape as x
+    seq_axis: int  # of x
+    batch_axis: int  # of x
+    seq_expr: sympy.Expr  # the length of the token axis (symbolic when the capture is dynamic)
+    side_inputs: list[SideInput]
+    sym_inputs: list[Node]  # SymInt values defined outside the region and read inside it
+    residual_terms: list[Node] | None  # out = x + sum(terms) when the graph shows it; else None (f = out - x)
+    stack: dict  # nn_module_stack up to and including the block, for new nodes
+
+    @property
+    def first(self) -> Node:
+        return self.nodes[0]
+
+
+class _Invalid(Exception):
+    pass
+
+
+def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
+    """All blocks on the residual stream, in order. `seq_expr` is the symbolic (or static) length of
+    the model input's token axis; a hidden state's token axis is the axis whose size involves it."""
+    groups: dict[str, dict[int, str]] = defaultdict(dict)
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        for path in module_paths(n):
+            m = _INDEXED.match(path)
+            if m:
+                groups[m.group(1)][int(m.group(2))] = path
+
+    found: list[tuple[int, int, str, list[Block]]] = []
+    reasons: list[str] = []
+    for prefix, members in groups.items():
+        try:
+            blocks = [_analyse(graph, members[i], i, seq_expr) for i in sorted(members)]
+        except _Invalid as e:
+            reasons.append(f"{prefix}.*: {e}")
+            continue
+        found.append((-len(blocks), prefix.count("."), prefix, blocks))
+    if not found:
+        detail = "".join(f"\n  - {r}" for r in reasons[:8]) or "\n  - no module path ends in an index"
+        raise ModfxError(
+            "no transformer blocks found. modfx looks for repeated sibling modules (e.g. `layers.0`, "
+            "`layers.1`, ... in an nn.ModuleList) whose nodes map a hidden state [B, S, D] to a hidden "
+            "state of the same shape with a residual add of their input. Candidates rejected:" + detail
+        )
+    found.sort(key=lambda t: t[:3])
+    blocks = found[0][3]
+    for i, b in enumerate(blocks):
+        b.index = i
+    return blocks
+
+
+def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -> Block:
+    nodes = [n for n in graph.nodes if n.op == "call_function" and path in module_paths(n)]
+    if not nodes:
+        raise _Invalid(f"{path} has no nodes")
+    nodes = _make_contiguous(graph, nodes, path)
+    region = set(nodes)
+
+    outputs = [n for n in nodes if any(u not in region for u in n.users)]
+    if len(outputs) != 1:
+        raise _Invalid(f"{path} has {len(outputs)} values used outside it (a block has exactly one output)")
+    out = outputs[0]
+    out_shape = shape_exprs(out)
+    if out_shape is None or len(out_shape) != 3:
+        raise _Invalid(f"{path}'s output is not a 3-D hidden state")
+
+    external: list[Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in region and a not in external:
+                external.append(a)
+
+    candidates = [
+        a for a in external
+        if a.op != "get_attr" and shape_exprs(a) == out_shape and a.meta["val"].dtype == out.meta["val"].dtype
+    ]
+    x, terms = None, None
+    for c in candidates:
+        t = residual_terms(out, c, region)
+        if t is not None:
+            x, terms = c, t
+            break
+    if x is None:
+        post_norm = [c for c in candidates if any(u.target in _ADDS and u in region for u in c.users)]
+        if len(post_norm) != 1:
+            raise _Invalid(f"{path} has no residual add of a [B, S, D] input")
+        x = post_norm[0]
+
+    seq_axis, batch_axis, s_expr = _token_axes(out_shape, seq_expr, path)
+    stack = _stack_upto(out, path)
+    side, syms = [], []
+    for a in external:
+        if a is x or a.op == "get_attr":
+            continue
+        v = a.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            if s_expr.free_symbols & v.node.expr.free_symbols:
+                syms.append(a)
+        elif isinstance(v, torch.Tensor):
+            s = _side_input(a, v, s_expr, out_shape[batch_axis], path)
+            if s is not None:
+                side.append(s)
+    for n in nodes:
+        if n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            if any(s_expr.free_symbols & sympy.sympify(e).free_symbols for e in shape_exprs(n) or ()):
+                raise ModfxError(
+                    f"block {path}: node {n.name} computes positions inside the block (arange over the token "
+                    "axis). After routing the block sees only k tokens, so these positions would be compacted "
+                    "and wrong. Compute positions (or RoPE tables) outside the blocks and pass them in."
+                )
+    return Block(path, index, nodes, x, out, seq_axis, batch_axis, s_expr, side, syms, terms, stack)
+
+
+def residual_terms(node: Node, x: Node, region: set[Node]) -> list[Node] | None:
+    """If `node` is x plus a chain of adds, the added terms (so f(x) = sum(terms)); else None."""
+    if node is x:
+        return []
+    if node not in region:
+        return None
+    if node.target in _ADDS and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+        a, b = node.args
+        for base, term in ((a, b), (b, a)):
+            if isinstance(base, Node) and isinstance(term, Node) and shape_exprs(base) == shape_exprs(node):
+                t = residual_terms(base, x, region)
+                if t is not None:
+                    return t + [term]
+    if node.target in _IDENTITY_OPS and isinstance(node.args[0], Node):
+        src = node.args[0]
+        if shape_exprs(src) == shape_exprs(node) and src.meta["val"].dtype == node.meta["val"].dtype:
+            return residual_terms(src, x, region)
+    return None
+
+
+def _make_contiguous(graph: Graph, nodes: list[Node], path: str) -> list[Node]:
+    region = set(nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    lo, hi = order[nodes[0]], order[nodes[-1]]
+    between = [n for n in graph.nodes if lo < order[n] < hi and n not in region]
+    if not between:
+        return nodes
+    tainted = set(region)
+    for n in graph.nodes:
+        if lo <= order[n] <= hi and any(a in tainted for a in n.all_input_nodes):
+            tainted.add(n)
+    stuck = [n for n in between if n in tainted]
+    if stuck:
+        raise _Invalid(f"{path}'s nodes are interleaved with {stuck[0].name}, which depends on them")
+    for n in between:
+        nodes[0].prepend(n)
+    return nodes
+
+
+def _token_axes(shape, seq_expr, path):
+    """(seq_axis, batch_axis, length expr) of a 3-D hidden state [B, S, D] or [S, B, D]."""
+    if seq_expr is not None and seq_expr.free_symbols:
+        axes = [i for i in (0, 1) if seq_expr.free_symbols & sympy.sympify(shape[i]).free_symbols]
+        if len(axes) != 1:
+            raise _Invalid(f"{path}: cannot tell the token axis of its hidden state {tuple(shape)}")
+        return axes[0], 1 - axes[0], shape[axes[0]]
+    return 1, 0, shape[1]  # static capture: the conventional [B, S, D] layout
+
+
+def _side_input(node: Node, v: torch.Tensor, s_expr, b_expr, path) -> SideInput | None:
+    shape = shape_exprs(node)
+    seq_axes = tuple(i for i, e in enumerate(shape) if e == s_expr)
+    if not seq_axes:
+        return None  # not per-token: passed through unchanged
+    if len(shape) >= 2 and 0 not in seq_axes and shape[0] in (b_expr, 1):
+        return SideInput(node, seq_axes, 0, shape[0] == 1 and b_expr != 1)
+    raise ModfxError(
+        f"block {path}: side input {node.name} of shape {tuple(shape)} runs over the tokens (axes {seq_axes}) "
+        "but has no leading batch axis, so its token axis cannot be gathered per sequence. Give it a "
+        "leading batch (or size-1 broadcast) dimension, e.g. a mask [B, 1, S, S] or RoPE tables [1, S, hd]."
+    )
+
+
+def _stack_upto(node: Node, path: str) -> dict:
+    stack = {}
+    for key, (p, cls) in (node.meta.get("nn_module_stack") or {}).items():
+        stack[key] = (p, cls)
+        if p == path:
+            break
+    return stack

@@ -1,0 +1,129 @@
+"""Small helpers the passes share: creating nodes that carry `meta['val']` and `nn_module_stack`,
+re-propagating fake values after a rewrite, and reading symbolic sizes."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable
+
+import sympy
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
+from torch.fx.node import map_aggregate
+
+aten = torch.ops.aten
+
+
+def fake_mode_of(graph: Graph):
+    vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise RuntimeError("graph carries no fake tensor values (meta['val']); capture it with torch.export")
+    return mode
+
+
+def val_of(arg: Any) -> Any:
+    """Replace every Node in `arg` by its meta['val']."""
+    return map_aggregate(arg, lambda a: a.meta["val"] if isinstance(a, Node) else a)
+
+
+def run_fake(target: Callable, args: tuple, kwargs: dict, fake_mode) -> Any:
+    with fake_mode:
+        return target(*val_of(args), **val_of(kwargs))
+
+
+def call(graph: Graph, target: Callable, args: tuple, kwargs: dict | None = None, *, stack=None,
+         tag: str | None = None) -> Node:
+    """Insert `target(*args, **kwargs)` at the graph's insertion point with meta['val'] filled in.
+
+    `stack` is the nn_module_stack the node is attributed to (that of the block it belongs to), and
+    `tag` names the role of the node for later passes (router, topk, gather, scatter, predictor, ...).
+    """
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = run_fake(target, args, kwargs, fake_mode_of(graph))
+    if stack is not None:
+        node.meta["nn_module_stack"] = dict(stack)
+    if tag is not None:
+        node.meta["modfx_role"] = tag
+    return node
+
+
+def get_attr(graph: Graph, target: str, value: torch.Tensor, *, stack=None) -> Node:
+    node = graph.get_attr(target)
+    fake_mode = fake_mode_of(graph)
+    node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+    if stack is not None:
+        node.meta["nn_module_stack"] = dict(stack)
+    return node
+
+
+def propagate(nodes: Iterable[Node], fake_mode) -> None:
+    """Recompute meta['val'] of call_function nodes, in order (after their inputs changed shape)."""
+    for node in nodes:
+        if node.op == "call_function":
+            node.meta["val"] = run_fake(node.target, node.args, node.kwargs, fake_mode)
+
+
+def expr(size: Any) -> sympy.Expr:
+    """A size (int or SymInt) as a sympy expression."""
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def shape_exprs(node: Node) -> tuple[sympy.Expr, ...] | None:
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(expr(s) for s in v.shape)
+
+
+def symint_node(graph: Graph, sym: sympy.Symbol) -> Node | None:
+    """A node whose value is exactly the symbol `sym` (e.g. a sym_size of an input)."""
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.SymInt) and v.node.expr == sym:
+            return n
+    return None
+
+
+_SYMPY_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul}
+
+
+def emit_sym_expr(graph: Graph, e: sympy.Expr, leaves: dict[sympy.Symbol, Any], *, stack=None) -> Any:
+    """Emit FX nodes computing the integer expression `e`, with symbols bound to `leaves`
+    (nodes or ints). Supports + * FloorDiv and Mod, which is what shape arithmetic in export uses."""
+    from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+    if isinstance(e, sympy.Integer):
+        return int(e)
+    if isinstance(e, sympy.Symbol):
+        return leaves[e]
+
+    def binop(fn, a, b):
+        if not isinstance(a, Node) and not isinstance(b, Node):
+            return fn(a, b)
+        return call(graph, fn, (a, b), stack=stack)
+
+    if type(e) in _SYMPY_OPS:
+        fn = _SYMPY_OPS[type(e)]
+        terms = [emit_sym_expr(graph, a, leaves, stack=stack) for a in e.args]
+        out = terms[0]
+        for t in terms[1:]:
+            out = binop(fn, out, t)
+        return out
+    if isinstance(e, FloorDiv):
+        a, b = (emit_sym_expr(graph, x, leaves, stack=stack) for x in e.args)
+        return binop(operator.floordiv, a, b)
+    if isinstance(e, (Mod, PythonMod)):
+        a, b = (emit_sym_expr(graph, x, leaves, stack=stack) for x in e.args)
+        return binop(operator.mod, a, b)
+    raise NotImplementedError(f"cannot emit symbolic size expression {e}")
+
+
+def module_paths(node: Node) -> list[str]:
+    """The qualified module names on the node's nn_module_stack, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values() if isinstance(path, str)]
