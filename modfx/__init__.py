@@ -1,8 +1,9 @@
 """modfx: Mixture-of-Depths as a PyTorch compiler transformation."""
 
-from .api import plan, set_routing, transform
+from .api import plan, routing_stats, set_routing, transform
 from .config import MoDConfig
 from .errors import ModfxError
+from .flops import flops
 
-__all__ = ["transform", "MoDConfig", "plan", "set_routing", "ModfxError"]
+__all__ = ["transform", "MoDConfig", "plan", "set_routing", "routing_stats", "flops", "ModfxError"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from .config import MoDConfig
 from .errors import ModfxError
 from .module import ROUTING_MODES, MoDModule, program
 from .passes import run_pipeline
+from .passes.flops import check_budget
 from .plan import Plan, make_plan
 
 
@@ -48,25 +49,38 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
 
     cap = capture(model, args, kwargs)
-    first = next(iter(cap.modules.values()))
-    mod = MoDModule(first)
+    mod = MoDModule(next(iter(cap.modules.values())))
     mod.train(model.training)
-    for mode in ROUTING_MODES[:1]:
-        for training, graph in cap.graphs.items():
-            with warnings.catch_warnings():  # deep-copying the pytree codegen warns on torch 2.13
-                warnings.simplefilter("ignore", FutureWarning)
-                g = copy.deepcopy(graph)
-            result = run_pipeline(g, mod, config, cap.seq_expr, mode)
-            out = g.output_node()
-            flat_outs = tuple(out.args[0])
-            out.args = (flat_outs + tuple(result.stats),)
-            mod.adopt_attrs(cap.modules[training], g)
-            mod._programs[(mode, training)] = program(mod, g)
     mod._in_spec, mod._out_spec = cap.in_spec, cap.out_spec
     mod._n_outputs = cap.out_spec.num_leaves
-    mod.modfx_plan = make_plan(result, config, cap)
     mod.modfx_config = config
+    mod.modfx_capture = cap
+    result = _build(mod, "topk")
+    mod.modfx_plan = make_plan(result, config, cap)
     return mod
+
+
+def _build(mod: MoDModule, mode: str):
+    """Rewrite a copy of each captured graph for routing `mode` and install it as a program of `mod`.
+    Graph variants share the routers and predictors, which the first rewrite creates on `mod`."""
+    cap, config = mod.modfx_capture, mod.modfx_config
+    built = {}
+    for training, graph in cap.graphs.items():
+        if id(graph) in built:  # the capture is the same in both modes
+            mod._programs[(mode, training)], mod.modfx_graphs[(mode, training)] = built[id(graph)]
+            continue
+        with warnings.catch_warnings():  # deep-copying the pytree codegen warns on torch 2.13
+            warnings.simplefilter("ignore", FutureWarning)
+            g = copy.deepcopy(graph)
+        result = run_pipeline(g, mod, config, cap.seq_expr, mode)
+        out = g.output_node()
+        out.args = (tuple(out.args[0]) + tuple(result.stats),)
+        if config.check_flops:
+            names = [b.name for b in result.blocks]
+            check_budget(g, graph, names, [names[i] for i in result.routed])
+        mod.adopt_attrs(cap.modules[training], g)
+        built[id(graph)] = mod._programs[(mode, training)], mod.modfx_graphs[(mode, training)] = program(mod, g), g
+    return result
 
 
 def plan(mod: nn.Module) -> Plan:
@@ -82,10 +96,21 @@ def set_routing(mod: nn.Module, mode: str) -> nn.Module:
     plan(mod)
     if mode not in ROUTING_MODES:
         raise ModfxError(f"unknown routing mode {mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+    if mode == "predictor" and not mod.modfx_config.predictor:
+        raise ModfxError("routing mode 'predictor' is not available: the transform was built with predictor=False")
     if (mode, mod.training) not in mod._programs:
-        raise ModfxError(f"routing mode {mode!r} is not available: the transform was built with predictor=False")
+        _build(mod, mode)  # raises ModfxError when a block's attention cannot be limited to selected tokens
     mod._routing = mode
     return mod
+
+
+def routing_stats(mod: nn.Module) -> dict[str, dict[str, float]]:
+    """Per routed block, from the last forward: the predictor's aux (BCE) loss, its accuracy, precision
+    and recall against top-k membership, and the fraction of tokens it selects. In predictor routing
+    only `selected` is defined (the others are nan)."""
+    p = plan(mod)
+    names = ("aux_loss", "accuracy", "precision", "recall", "selected")
+    return {b.name: dict(zip(names, s.tolist())) for b, s in zip(p.routed, mod._stats)}
 
 
 def _normalise_inputs(example_inputs, example_kwargs):

@@ -63,7 +63,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs)
     dynamic = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {**_arg_names(model, dyn_args), **dyn_kwargs}
     try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        # Captured under no_grad: grad-mode regions (e.g. RoPE tables built under torch.no_grad in a
+        # model) then stay plain ops instead of set_grad_enabled subgraphs, which recompile badly. The
+        # graph still records every op, so it differentiates when run with grad enabled.
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with advice, cause kept
         raise ModfxError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"

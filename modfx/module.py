@@ -36,6 +36,7 @@ class MoDModule(nn.Module):
         for name, b in owner_of.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in owner_of._non_persistent_buffers_set)
         self._programs: dict[tuple[str, bool], object] = {}
+        self.modfx_graphs: dict[tuple[str, bool], Graph] = {}  # the rewritten graphs, for inspection
         self._routing = "topk"
         self._in_spec = None
         self._out_spec = None

@@ -115,7 +115,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RopeAttention(nn.Module):
-    """Causal attention with RoPE and grouped-query heads (n_kv_heads <= n_heads), no biases (llama / moe)."""
+    """Causal attention with RoPE and grouped-query heads (n_kv_heads <= n_heads), no biases (llama / moe).
+
+    Like SelfAttention it reshapes with unflatten/flatten, so the graph never reads B or S.
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
         super().__init__()

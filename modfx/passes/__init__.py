@@ -22,6 +22,7 @@ from torch.fx import Graph
 from ..config import MoDConfig
 from .discover import Block, find_blocks
 from .router import insert_router
+from .predictor import add_predictor_loss, route_predictor
 from .route_topk import route_topk
 
 
@@ -37,13 +38,25 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
     blocks = find_blocks(graph, seq_expr)
     routed = config.routed(len(blocks))
     stats = []
+    rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     for block in blocks:
+        block.x = rerouted.get(block.x, block.x)
         if block.index not in routed:
             continue
+        old_out = block.out
         r = insert_router(graph, root, block)
         if mode == "topk":
-            route_topk(graph, block, r, config.capacity_fraction, config.weighting)
+            routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting)
+            new_out = routed_block.out
+            if config.predictor:
+                new_out, block_stats = add_predictor_loss(graph, root, block, routed_block,
+                                                          config.predictor_hidden, config.aux_loss_weight)
+                stats.append(block_stats)
+        elif mode == "predictor":
+            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting)
+            stats.append(block_stats)
         else:
-            raise NotImplementedError(mode)
+            raise ValueError(mode)
+        rerouted[old_out] = new_out
     graph.lint()
     return PipelineResult(blocks, routed, stats)

@@ -115,6 +115,7 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
 
 def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -> Block:
     nodes = [n for n in graph.nodes if n.op == "call_function" and path in module_paths(n)]
+    nodes = _without_outside_size_arithmetic(nodes)
     if not nodes:
         raise _Invalid(f"{path} has no nodes")
     nodes = _make_contiguous(graph, nodes, path)
@@ -152,18 +153,23 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
 
     seq_axis, batch_axis, s_expr = _token_axes(out_shape, seq_expr, path)
     stack = _stack_upto(out, path)
-    side, syms = [], []
+    side = []
     for a in external:
-        if a is x or a.op == "get_attr":
-            continue
         v = a.meta.get("val")
-        if isinstance(v, torch.SymInt):
-            if s_expr.free_symbols & v.node.expr.free_symbols:
-                syms.append(a)
-        elif isinstance(v, torch.Tensor):
-            s = _side_input(a, v, s_expr, out_shape[batch_axis], path)
+        if a is not x and a.op != "get_attr" and isinstance(v, torch.Tensor):
+            s = _side_input(a, s_expr, out_shape[batch_axis], path, region, x)
             if s is not None:
                 side.append(s)
+    hoisted = [n for n in nodes if n not in region]  # batch-less side inputs' broadcast chains
+    if hoisted:
+        for n in hoisted:
+            nodes[0].prepend(n)  # they read only values defined before the block
+        nodes = [n for n in nodes if n in region]
+        external = [a for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes) if a not in region]
+    syms = [
+        a for a in external
+        if isinstance(a.meta.get("val"), torch.SymInt) and s_expr.free_symbols & a.meta["val"].node.expr.free_symbols
+    ]
     for n in nodes:
         if n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             if any(s_expr.free_symbols & sympy.sympify(e).free_symbols for e in shape_exprs(n) or ()):
@@ -224,18 +230,87 @@ def _token_axes(shape, seq_expr, path):
     return 1, 0, shape[1]  # static capture: the conventional [B, S, D] layout
 
 
-def _side_input(node: Node, v: torch.Tensor, s_expr, b_expr, path) -> SideInput | None:
+def _side_input(node: Node, s_expr, b_expr, path, region: set[Node], x: Node) -> SideInput | None:
+    """The per-token side input `node` (a tensor defined outside the block) with its token axes, or
+    None when it has none. A batch-less one is replaced by the end of its broadcast chain (see
+    `_batch_broadcast_chain`), whose nodes are then taken out of `region`."""
     shape = shape_exprs(node)
     seq_axes = tuple(i for i, e in enumerate(shape) if e == s_expr)
     if not seq_axes:
         return None  # not per-token: passed through unchanged
     if len(shape) >= 2 and 0 not in seq_axes and shape[0] in (b_expr, 1):
         return SideInput(node, seq_axes, 0, shape[0] == 1 and b_expr != 1)
+    chain, why = _batch_broadcast_chain(node, s_expr, b_expr, region, x)
+    if chain:
+        end = chain[-1]
+        region.difference_update(chain)
+        end_shape = shape_exprs(end)
+        return SideInput(end, tuple(i for i, e in enumerate(end_shape) if e == s_expr), 0, b_expr != 1)
     raise ModfxError(
         f"block {path}: side input {node.name} of shape {tuple(shape)} runs over the tokens (axes {seq_axes}) "
-        "but has no leading batch axis, so its token axis cannot be gathered per sequence. Give it a "
-        "leading batch (or size-1 broadcast) dimension, e.g. a mask [B, 1, S, S] or RoPE tables [1, S, hd]."
+        f"but has no leading batch axis, so its token axis cannot be gathered per sequence: {why}. Give it "
+        "a leading batch (or size-1 broadcast) dimension, e.g. a mask [B, 1, S, S] or RoPE tables [1, S, hd]."
     )
+
+
+# Ops that only re-lay out or convert a value: size-1 axes added (or expanded), dtype changed.
+_LAYOUT_OPS = _IDENTITY_OPS | {
+    aten.unsqueeze.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+    aten.detach.default,
+}
+
+
+def _batch_broadcast_chain(node: Node, s_expr, b_expr, region: set[Node], x: Node) -> tuple[list[Node], str]:
+    """Rule for a side input with token axes but no batch axis (e.g. a [S, S] mask): if inside the
+    block it only passes through a chain of layout ops (unsqueeze, size-1 view/expand, dtype casts)
+    to a value N whose leading axis has size 1, and every op reading N has an output of N's rank
+    whose leading axis is the batch (so N's axis 0 provably broadcasts against the batch), then N is
+    the side input: the chain does not read x, so it can run on the full sequence before the block,
+    and N gathers per sequence like any [1, ...] side input. Returns (chain, "") or ([], why not)."""
+    chain: list[Node] = []
+    cur = node
+    while True:
+        users = [u for u in cur.users if u in region]
+        shape = shape_exprs(cur)
+        if chain and shape and shape[0] == 1 and s_expr != 1 and b_expr != 1:
+            outs = [shape_exprs(u) for u in users]
+            if users and all(o is not None and len(o) == len(shape) and o[0] == b_expr for o in outs):
+                return chain, ""
+        if len(users) != 1 or (chain and len(cur.users) != 1):
+            return [], f"{cur.name} is read by {len(cur.users)} ops in the block before it broadcasts against the batch"
+        (u,) = users
+        if u.target not in _LAYOUT_OPS or u.args[0] is not cur:
+            return [], f"{u.name} ({u.target}) uses it before it broadcasts against the batch axis"
+        if any(a in region and a is not cur for a in u.all_input_nodes) or x in u.all_input_nodes:
+            return [], f"{u.name} combines it with values computed in the block"
+        new = shape_exprs(u)
+        if new is None or not _same_up_to_unit_axes(shape, new):
+            return [], f"{u.name} reshapes its token axes"
+        chain.append(u)
+        cur = u
+
+
+def _same_up_to_unit_axes(a, b) -> bool:
+    """b is a with size-1 axes inserted or removed (the other axes unchanged, in order)."""
+    return [e for e in a if e != 1] == [e for e in b if e != 1]
+
+
+def _without_outside_size_arithmetic(nodes: list[Node]) -> list[Node]:
+    """Rule: a node that computes a size (SymInt, int, bool; not a tensor) only from values defined
+    outside the block is shape bookkeeping, not block computation. Export shares such nodes between
+    layers (e.g. B * H computed in layers.0 and reused by layers.1), so inside the block they would
+    read as extra outputs; they are left outside the region (and moved ahead of it)."""
+    region = set(nodes)
+    outside = set()
+    for n in nodes:
+        size = isinstance(n.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool))
+        if size and all(a in outside or a not in region for a in n.all_input_nodes):
+            outside.add(n)
+    return [n for n in nodes if n not in outside]
 
 
 def _stack_upto(node: Node, path: str) -> dict:

@@ -1,0 +1,201 @@
+"""Predictor branch: a causal stand-in for top-k, trained from the top-k decisions of the same forward.
+
+Top-k over the sequence looks at later tokens; the predictor decides per token from that token's
+own (stop-gradient) block input, so it can route while sampling.
+
+In the top-k graph (training), after the routed block's merge:
+
+    before:                                  after:
+        y = scatter(x, 1, idx, upd)              y     = scatter(x, 1, idx, upd)
+        use(y)                                   p     = linear(gelu(linear(detach(x))))[..., 0]  # [B, S]
+                                                 t     = scatter(zeros, 1, idx, 1)                # top-k membership
+                                                 aux   = bce_with_logits(p, t)
+                                                 y'    = add_aux_loss(y, weight * aux)    # identity forward,
+                                                 use(y')                                  # d aux = weight backward
+                                                 stats += [aux, accuracy, precision, recall, mean(p > 0)]
+
+In the predictor graph (sampling / causal evaluation), instead of top-k:
+
+    sel   = p > 0                                              # [B, S] bool, causal by construction
+    yall  = block(x) with every attention's keys limited to selected tokens (and the query itself)
+    y'    = where(sel, x + w(r) * f, x)                        # exact: every selected token processed
+
+Contract: requires a routed block and its router node; the predictor MLP is registered at
+`<block>.mod_predictor` (Linear(D, h) -> GELU -> Linear(h, 1)), shared by every graph variant.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+from torch.fx import Graph, Node
+
+from ..errors import ModfxError
+from .discover import Block
+from .graph_utils import aten, call, fake_mode_of, get_attr, propagate
+from .route_topk import Routed, _weighted, size
+from .router import get_or_add_module
+
+N_STATS = 5  # aux loss, accuracy, precision, recall, fraction predicted "selected"
+
+_ATTENTION = aten.scaled_dot_product_attention.default
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+
+
+class _AddAuxLoss(torch.autograd.Function):
+    """Returns `out` unchanged; in backward, gives `aux` the gradient 1 (so `aux` is minimised as if it
+    had been added to the loss) without touching the gradient that flows to `out`."""
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.aux_dtype = aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_ones((), dtype=ctx.aux_dtype)
+
+
+def add_aux_loss(out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return out
+    return _AddAuxLoss.apply(out, aux)
+
+
+def predictor_logits(graph: Graph, root: nn.Module, block: Block, hidden: int | None) -> Node:
+    """p [B, S]: the predictor's logit of "this token is in the top-k", from stopgrad(x)."""
+    x = block.x.meta["val"]
+    d = x.shape[-1]
+    h = hidden or max(d // 8, 16)
+    path = f"{block.name}.mod_predictor"
+    mlp = get_or_add_module(root, path, lambda: _new_predictor(d, h, x))
+    st = block.stack
+    params = {n: get_attr(graph, f"{path}.{n}", p, stack=st) for n, p in mlp.named_parameters()}
+    xd = call(graph, aten.detach.default, (block.x,), stack=st, tag="predictor")
+    hid = call(graph, aten.linear.default, (xd, params["0.weight"], params["0.bias"]), stack=st, tag="predictor")
+    hid = call(graph, aten.gelu.default, (hid,), stack=st, tag="predictor")
+    p = call(graph, aten.linear.default, (hid, params["2.weight"], params["2.bias"]), stack=st, tag="predictor")
+    p = call(graph, aten.squeeze.dim, (p, -1), stack=st)
+    if block.batch_axis == 1:
+        p = call(graph, aten.permute.default, (p, [1, 0]), stack=st)
+    return p  # [B, S]
+
+
+def _new_predictor(d: int, h: int, like: torch.Tensor) -> nn.Sequential:
+    dtype = like.dtype if like.dtype.is_floating_point else torch.float32
+    return nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, 1)).to(device=like.device, dtype=dtype)
+
+
+def add_predictor_loss(graph: Graph, root: nn.Module, block: Block, routed: Routed, hidden: int | None,
+                       weight: float) -> tuple[Node, Node]:
+    """Top-k graph: predictor + BCE aux loss injected into backward. Returns the new block output and
+    the stats node [N_STATS]."""
+    st = block.stack
+    merged = routed.out
+    users = list(merged.users)
+    with graph.inserting_before(merged.next):
+        p = predictor_logits(graph, root, block, hidden)
+        zeros = call(graph, aten.zeros_like.default, (p,), stack=st)
+        target = call(graph, aten.scatter.value, (zeros, 1, routed.idx, 1.0), stack=st, tag="predictor")
+        aux = call(graph, aten.binary_cross_entropy_with_logits.default, (p, target), stack=st, tag="predictor")
+        scaled = call(graph, aten.mul.Tensor, (aux, weight), stack=st)
+        out = call(graph, add_aux_loss, (merged, scaled), stack=st, tag="predictor")
+        stats = _stats(graph, p, target, aux, st)
+    for u in users:
+        u.replace_input_with(merged, out)
+    return out, stats
+
+
+def _stats(graph: Graph, p: Node, target: Node, aux: Node, st) -> Node:
+    def c(op, *args):
+        return call(graph, op, args, stack=st)
+
+    pred = call(graph, aten._to_copy.default, (c(aten.gt.Scalar, p, 0.0),), {"dtype": torch.float32}, stack=st)
+    t = call(graph, aten._to_copy.default, (target,), {"dtype": torch.float32}, stack=st)
+    tp = c(aten.sum.default, c(aten.mul.Tensor, pred, t))
+    hit = call(graph, aten._to_copy.default, (c(aten.eq.Tensor, pred, t),), {"dtype": torch.float32}, stack=st)
+    acc = c(aten.mean.default, hit)
+    precision = c(aten.div.Tensor, tp, c(aten.clamp_min.default, c(aten.sum.default, pred), 1.0))
+    recall = c(aten.div.Tensor, tp, c(aten.clamp_min.default, c(aten.sum.default, t), 1.0))
+    frac = c(aten.mean.default, pred)
+    aux32 = call(graph, aten._to_copy.default, (aux,), {"dtype": torch.float32}, stack=st)
+    stats = c(aten.stack.default, [aux32, acc, precision, recall, frac])
+    return c(aten.detach.default, stats)
+
+
+def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden: int | None,
+                    weighting: str) -> tuple[Node, Node]:
+    """Predictor graph: the block runs on all tokens with attention restricted to selected keys; selected
+    tokens get x + w(r) * f, the others pass through. Returns the merged output and the stats node."""
+    attn = [n for n in block.nodes if n.target is _ATTENTION]
+    if not attn and any(n.target in _SOFTMAX for n in block.nodes):
+        raise ModfxError(
+            f"block {block.name}: its attention is not a scaled_dot_product_attention op, so predictor routing "
+            "cannot limit it to the selected tokens; use an SDPA attention implementation for predictor routing"
+        )
+    st = block.stack
+    x = block.x
+    region = set(block.nodes)
+    with graph.inserting_before(block.first):
+        p = predictor_logits(graph, root, block, hidden)
+        sel = call(graph, aten.gt.Scalar, (p, 0.0), stack=st, tag="predictor")  # [B, S]
+        if attn:
+            keep = _key_mask(graph, block, sel)  # [B, 1, S, S]
+    for a in attn:
+        _restrict_attention(graph, a, keep, st)
+    propagate(block.nodes, fake_mode_of(graph))
+
+    y = block.out
+    outside = [u for u in y.users if u not in region]
+    with graph.inserting_before(y.next):
+        if block.residual_terms is not None:
+            f = block.residual_terms[0]
+            for t in block.residual_terms[1:]:
+                f = call(graph, aten.add.Tensor, (f, t), stack=st)
+        else:
+            f = call(graph, aten.sub.Tensor, (y, x), stack=st)
+        upd = call(graph, aten.add.Tensor, (x, _weighted(graph, f, r, weighting, st)), stack=st)
+        m = call(graph, aten.unsqueeze.default, (sel, -1), stack=st)
+        if block.batch_axis == 1:
+            m = call(graph, aten.permute.default, (m, [1, 0, 2]), stack=st)
+        merged = call(graph, aten.where.self, (m, upd, x), stack=st, tag="scatter")
+        frac = call(graph, aten.mean.default, (call(graph, aten._to_copy.default, (sel,), {"dtype": torch.float32}, stack=st),), stack=st)
+        nan = call(graph, aten.full.default, ([4], float("nan")), {"dtype": torch.float32, "device": x.meta["val"].device}, stack=st)
+        stats = call(graph, aten.cat.default, ([nan, call(graph, aten.unsqueeze.default, (frac, 0), stack=st)],), stack=st)
+    for u in outside:
+        u.replace_input_with(y, merged)
+    return merged, stats
+
+
+def _key_mask(graph: Graph, block: Block, sel: Node) -> Node:
+    """keep[b, 0, i, j] = sel[b, j] or i == j: queries see selected keys, and always themselves."""
+    st = block.stack
+    S = size(graph, sel, 1, st)
+    dev = sel.meta["val"].device
+    pos = call(graph, aten.arange.default, (S,), {"device": dev}, stack=st)
+    eye = call(graph, aten.eq.Tensor, (call(graph, aten.unsqueeze.default, (pos, 1), stack=st),
+                                       call(graph, aten.unsqueeze.default, (pos, 0), stack=st)), stack=st)  # [S, S]
+    keys = call(graph, aten.unsqueeze.default, (call(graph, aten.unsqueeze.default, (sel, 1), stack=st), 1), stack=st)
+    return call(graph, aten.logical_or.default, (keys, eye), stack=st)  # [B, 1, S, S]
+
+
+def _restrict_attention(graph: Graph, a: Node, keep: Node, st) -> None:
+    args = list(a.args) + [None, 0.0, False][len(a.args) - 3:] if len(a.args) < 6 else list(a.args)
+    mask = a.kwargs.get("attn_mask", args[3])
+    dropout_p = a.kwargs.get("dropout_p", args[4])
+    causal = a.kwargs.get("is_causal", args[5])
+    with graph.inserting_before(a):
+        allowed = keep
+        if causal:
+            ones = call(graph, aten.ones_like.default, (keep,), {"dtype": torch.bool}, stack=st)
+            allowed = call(graph, aten.logical_and.default, (allowed, call(graph, aten.tril.default, (ones,), stack=st)), stack=st)
+        if mask is not None and mask.meta["val"].dtype == torch.bool:
+            allowed = call(graph, aten.logical_and.default, (allowed, mask), stack=st)
+        elif mask is not None:
+            neg = torch.finfo(mask.meta["val"].dtype).min
+            bias = call(graph, aten.where.ScalarOther, (allowed, 0.0, neg), stack=st)
+            allowed = call(graph, aten.add.Tensor, (mask, call(graph, aten._to_copy.default, (bias,), {"dtype": mask.meta["val"].dtype}, stack=st)), stack=st)
+    a.args = (*args[:3], allowed, dropout_p, False)
+    a.kwargs = {k: v for k, v in a.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}

@@ -1,0 +1,174 @@
+"""FLOP accounting: symbolic forms, agreement with torch's FlopCounterMode, the report, the budget check."""
+
+import copy
+import functools
+import warnings
+from fractions import Fraction
+
+import pytest
+import sympy
+import torch
+from torch import nn
+
+import modfx
+from modfx.capture import capture
+from modfx.flops import flops, torch_count
+from modfx.models import gpt, llama
+from modfx.passes.discover import find_blocks
+from modfx.passes.flops import check_budget
+from modfx.passes.graph_utils import aten, call
+from modfx.passes.route_topk import gather_tokens, select_topk, token_index
+from modfx.passes.router import insert_router
+
+B, S, k = sympy.symbols("B S k", integer=True, positive=True)
+N, D, H, V = 2, 64, 4, 64
+MODELS = {
+    "llama": lambda: llama.Llama(llama.LlamaConfig(n_layers=N, d_model=D, n_heads=H, vocab_size=V)),
+    "gpt": lambda: gpt.GPT(gpt.GPTConfig(n_layers=N, d_model=D, n_heads=H, vocab_size=V)),
+}
+
+
+class Case:
+    def __init__(self, name):
+        torch.manual_seed(0)
+        self.model = MODELS[name]()
+        self.ids = torch.randint(0, V, (2, 64))
+        self.mod = modfx.transform(self.model, (self.ids,), capacity=0.125, every=2)  # routes layers.1
+        self.dense = flops(self.model, (self.ids,))
+        self.routed = flops(self.mod, (self.ids,))
+        self.cap = capture(self.model, (self.ids,), {})
+
+
+@functools.lru_cache(maxsize=None)
+def built(name) -> Case:
+    return Case(name)
+
+
+@pytest.fixture(params=list(MODELS))
+def case(request):
+    return built(request.param)
+
+
+@pytest.fixture
+def llama_case():
+    return built("llama")
+
+
+def per_layer(model) -> tuple[int, int]:
+    """(linear FLOPs per token, attention FLOPs per token^2) of one block, from the config."""
+    if isinstance(model, llama.Llama):
+        return 8 * D * D + 6 * D * model.config.ffn_hidden, 4 * D
+    return 8 * D * D + 16 * D * D, 4 * D  # qkv + proj, 4x MLP
+
+
+def rows(report):
+    return {r.name: r for r in (*report.blocks, *report.kinds, report.overhead)}
+
+
+def test_dense_totals_are_linear_in_tokens_plus_quadratic_attention(case):
+    lin, att = per_layer(case.model)
+    head = 2 * D * V
+    r = rows(case.dense)
+    assert r["matmul"].expr == (N * lin + head) * B * S
+    assert r["attention"].expr == N * att * B * S**2  # causal attention counted in full (CAUSAL = 1)
+    assert case.dense.total == (N * lin + head) * B * S + N * att * B * S**2
+    # backward: 2x per matmul, 2.5x for attention (scores recomputed), as FlopCounterMode
+    assert sympy.expand(case.dense.train - 3 * (N * lin + head) * B * S - sympy.Rational(7, 2) * N * att * B * S**2) == 0
+    assert 3.0 <= case.dense.train_at / case.dense.total_at <= 3.5
+    assert case.dense.at == {"B": 2, "S": 64}
+
+
+def test_routed_block_body_scales_with_k(case):
+    lin, att = per_layer(case.model)
+    r = rows(case.routed)
+    assert r["attention"].expr == att * B * S**2 + att * B * k**2  # layers.0 on S, layers.1 on k
+    assert r["matmul"].expr == (lin + 2 * D * V) * B * S + lin * B * k
+    assert r["router"].expr == 2 * D * B * S
+    assert {"sort", "topk", "gather", "scatter"} <= set(r)
+    assert r["layers.1"].routed and not r["layers.0"].routed
+    body = r["layers.1"].expr - sum(r[x].expr for x in ("router", "sort", "topk", "gather", "scatter", "predictor") if x in r)
+    assert sympy.expand(body).free_symbols == {B, k}
+    assert case.routed.at == {"B": 2, "S": 64, "k": 8}
+    assert case.routed.total_at < 0.75 * case.dense.total_at
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
+@pytest.mark.parametrize("which", ["dense", "routed"])
+def test_agrees_with_flop_counter_mode(case, which, backward):
+    module, report = (case.model, case.dense) if which == "dense" else (case.mod, case.routed)
+    torch_total = sum(torch_count(module, (case.ids,), backward=backward).values())
+    ours = report.train_at if backward else report.total_at
+    assert abs(ours - torch_total) <= 0.01 * torch_total
+    # exactly, once the routing data movement (which torch counts as 0) is left out
+    data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+    assert ours - data == torch_total
+
+
+def test_evaluates_at_other_shapes(llama_case):
+    ids = torch.randint(0, V, (3, 96))
+    report = flops(llama_case.mod, (ids,))
+    assert report.at == {"B": 3, "S": 96, "k": 12}
+    assert abs(report.total_at - sum(torch_count(llama_case.mod, (ids,)).values())) <= 0.01 * report.total_at
+    assert flops(llama_case.mod).total_at == llama_case.routed.total_at  # shapes it was captured with
+
+
+def test_report_renders_with_tabulate(llama_case):
+    text = str(llama_case.routed)
+    for word in ("layers.0", "layers.1", "yes", "matmul", "attention", "router", "sort", "gather", "scatter",
+                 "routing overhead", "forward + backward", "S=64", "k=8", "B*k"):
+        assert word in text
+    assert "-----" in text
+
+
+def test_budget_check_passes_for_every_graph_variant(case):
+    plan = case.mod.modfx_plan
+    for (mode, training), g in case.mod.modfx_graphs.items():
+        check_budget(g, case.cap.graphs[training], [b.name for b in plan.blocks], [b.name for b in plan.routed])
+
+
+def _dense_copy(case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(case.cap.graphs[case.model.training])
+
+
+def broken_rewrite(case):
+    """Routes layers.1 (router, top-k, gather, scatter of k tokens) but still runs its body on all S
+    tokens and gathers the k results afterwards."""
+    g = _dense_copy(case)
+    block = find_blocks(g, case.cap.seq_expr)[1]
+    st = block.stack
+    r = insert_router(g, nn.Module(), block)
+    with g.inserting_before(block.first):
+        _, _, _, idx = select_topk(g, block, r, Fraction(1, 8))
+    users = list(block.out.users)
+    with g.inserting_before(block.out.next):
+        yg = gather_tokens(g, block.out, idx, (block.seq_axis,), block.batch_axis, st)  # [B, k, D]
+        index = token_index(g, idx, block.x, block.seq_axis, block.batch_axis, st)
+        merged = call(g, aten.scatter.src, (block.x, block.seq_axis, index, yg), stack=st, tag="scatter")
+    for u in users:
+        u.replace_input_with(block.out, merged)
+    g.lint()
+    attention = next(n.name for n in block.nodes if n.target is aten.scaled_dot_product_attention.default)
+    return g, attention
+
+
+def test_budget_check_catches_a_block_still_running_on_all_tokens(llama_case):
+    g, attention = broken_rewrite(llama_case)
+    names = [b.name for b in llama_case.mod.modfx_plan.blocks]
+    with pytest.raises(modfx.ModfxError, match=r"layers\.1 still runs on all S tokens") as e:
+        check_budget(g, _dense_copy(llama_case), names, ["layers.1"])
+    assert attention in str(e.value) and "B*S**2" in str(e.value)
+
+
+def test_budget_check_catches_extra_work_outside_the_blocks(llama_case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        g = copy.deepcopy(llama_case.mod.modfx_graphs[("topk", llama_case.mod.training)])
+    head = [n for n in g.nodes if n.target is aten.linear.default][-1]
+    with g.inserting_after(head):
+        dup = g.node_copy(head)  # the head computed twice
+    plan = llama_case.mod.modfx_plan
+    with pytest.raises(modfx.ModfxError, match=r"outside blocks") as e:
+        check_budget(g, _dense_copy(llama_case), [b.name for b in plan.blocks], [b.name for b in plan.routed])
+    assert dup.name in str(e.value)

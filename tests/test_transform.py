@@ -1,0 +1,183 @@
+"""The core transform, specified by its oracles on every reference model."""
+
+import copy
+
+import pytest
+import torch
+
+import modfx
+from modfx.models import encoder, gpt, llama, moe
+
+from reference import mod_forward, routers_of
+
+D, H, V, S, B = 32, 4, 64, 24, 2
+
+MODELS = {
+    "gpt": lambda: gpt.GPT(gpt.GPTConfig(n_layers=3, d_model=D, n_heads=H, vocab_size=V, max_seq_len=128)),
+    "llama": lambda: llama.Llama(llama.LlamaConfig(n_layers=3, d_model=D, n_heads=H, n_kv_heads=2, vocab_size=V, max_seq_len=128)),
+    "encoder": lambda: encoder.Encoder(encoder.EncoderConfig(n_layers=3, d_model=D, n_heads=H, vocab_size=V, max_seq_len=128)),
+    "moe": lambda: moe.MoE(moe.MoEConfig(n_layers=3, d_model=D, n_heads=H, vocab_size=V, max_seq_len=128)),
+}
+CAUSAL = ["gpt", "llama", "moe"]
+
+
+def ids_of(batch=B, seq=S):
+    return torch.randint(0, V, (batch, seq))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def built(request):
+    torch.manual_seed(0)
+    model = MODELS[request.param]().eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=2)
+    return request.param, model, mod
+
+
+def test_capacity_one_without_weighting_reproduces_the_model(built):
+    name, model, _ = built
+    dense = modfx.transform(model, (ids_of(),), capacity=1.0, weighting="none", every=1)
+    ids = ids_of()
+    torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["raw", "sigmoid"])
+def test_equals_hand_written_eager_reference(built, weighting):
+    name, model, mod = built
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=2, weighting=weighting)
+    ids = ids_of()
+    want = mod_forward(model, ids, routers_of(mod, model), 0.25, weighting)
+    torch.testing.assert_close(mod(ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_routed_block_changes_exactly_k_tokens_and_leaves_the_rest_bit_identical():
+    model = llama.Llama(llama.LlamaConfig(n_layers=1, d_model=D, n_heads=H, vocab_size=V)).eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, blocks=(0,))
+    ids = ids_of()
+    skipped = model.head(model.norm(model.tok_emb(ids)))  # every token skips the only block
+    same = (mod(ids).logits == skipped).all(dim=-1)  # [B, S]
+    k = 6  # ceil(0.25 * 24)
+    assert same.sum(dim=1).tolist() == [S - k] * B
+
+
+def test_gathered_tokens_keep_their_original_rope_positions():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=D, n_heads=H, vocab_size=V)).eval()
+    with torch.no_grad():  # weights large enough that attention patterns (and so positions) matter
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, blocks=(1,))
+    ids = ids_of()
+    routers = routers_of(mod, model)
+    right = mod_forward(model, ids, routers, 0.25, positions="original")
+    wrong = mod_forward(model, ids, routers, 0.25, positions="compacted")
+    got = mod(ids).logits
+    torch.testing.assert_close(got, right, rtol=0, atol=1e-5)
+    assert (got - wrong).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_routed_computation_is_causal_at_capacity_one(name):
+    model = MODELS[name]().eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=1.0)
+    ids = ids_of()
+    t = 10
+    perturbed = ids.clone()
+    perturbed[:, t:] = (perturbed[:, t:] + 1) % V
+    torch.testing.assert_close(mod(ids).logits[:, :t], mod(perturbed).logits[:, :t], rtol=0, atol=0)
+
+
+def test_fullgraph_compile_matches_eager_at_three_sequence_lengths(built):
+    name, _, mod = built
+    compiled = torch.compile(mod, fullgraph=True, dynamic=True)
+    for seq in (16, 24, 37):
+        ids = ids_of(seq=seq)
+        torch.testing.assert_close(compiled(ids).logits, mod(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["raw", "sigmoid"])
+def test_routers_receive_gradients(weighting):
+    model = MODELS["llama"]()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, weighting=weighting)
+    mod(ids_of()).logits.float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in mod.named_parameters() if n.endswith("mod_router.weight")}
+    assert list(grads) == ["layers.1.mod_router.weight"]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_training_step_updates_routers_and_blocks():
+    model = MODELS["gpt"]()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25)
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in mod.named_parameters()}
+    ids = ids_of()
+    loss = torch.nn.functional.cross_entropy(mod(ids).logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    for n in ("layers.1.mod_router.weight", "layers.1.mod_predictor.0.weight", "layers.1.attn.qkv.weight"):
+        assert not torch.equal(before[n], mod.get_parameter(n)), n
+
+
+def test_users_model_is_unchanged(built):
+    name, _, _ = built
+    model = MODELS[name]()
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    ids = ids_of()
+    model.eval()
+    out = model(ids).logits
+    model.train()
+    modfx.transform(model, (ids,), capacity=0.25)
+    assert model.training
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, out, rtol=0, atol=0)
+
+
+def test_state_dict_keeps_original_names_and_adds_routing_keys(built):
+    _, model, mod = built
+    keys, orig = set(mod.state_dict()), set(model.state_dict())
+    assert orig <= keys
+    assert {k.split(".mod_")[1].split(".")[0] for k in keys - orig} == {"router", "predictor"}
+
+
+def test_output_structure_is_the_models(built):
+    _, model, mod = built
+    ids = ids_of()
+    assert type(mod(ids)) is type(model(ids))
+
+
+def test_plan_reports_blocks_and_gathered_side_inputs():
+    model = MODELS["llama"]()
+    p = modfx.plan(modfx.transform(model, (ids_of(),), capacity=0.25, every=2))
+    assert [b.name for b in p.blocks] == ["layers.0", "layers.1", "layers.2"]
+    assert [b.routed for b in p.blocks] == [False, True, False]
+    assert [s.seq_axes for s in p.routed[0].side_inputs] == [(1,), (1,)]  # RoPE cos, sin
+    assert "layers.1" in str(p)
+
+
+def test_encoder_mask_is_gathered_along_its_key_axis():
+    p = modfx.plan(modfx.transform(MODELS["encoder"](), (ids_of(),)))
+    assert [s.seq_axes for s in p.routed[0].side_inputs] == [(3,)]
+
+
+def test_deterministic_outputs_across_runs(built):
+    _, _, mod = built
+    ids = ids_of()
+    assert torch.equal(mod(ids).logits, mod(ids).logits)
+
+
+def test_ties_in_router_scores_go_to_earlier_tokens():
+    model = llama.Llama(llama.LlamaConfig(n_layers=1, d_model=D, n_heads=H, vocab_size=V)).eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, blocks=(0,), weighting="none")
+    ids = torch.full((1, S), 3)  # identical tokens: equal hidden states, equal... except RoPE (none before block)
+    skipped = model.head(model.norm(model.tok_emb(ids)))
+    changed = ~(mod(ids).logits == skipped).all(dim=-1)[0]
+    assert changed.nonzero().flatten().tolist() == list(range(6))
+
+
+def test_adjacent_routed_blocks_equal_the_eager_reference():
+    model = MODELS["llama"]().eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=1)
+    ids = ids_of()
+    want = mod_forward(model, ids, routers_of(mod, model), 0.25)
+    torch.testing.assert_close(mod(ids).logits, want, rtol=0, atol=1e-5)
