@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from .capture import capture
@@ -81,6 +82,21 @@ def _build(mod: MoDModule, mode: str):
         mod.adopt_attrs(cap.modules[training], g)
         built[id(graph)] = mod._programs[(mode, training)], mod.modfx_graphs[(mode, training)] = program(mod, g), g
     return result
+
+
+def _recapture(mod: MoDModule, fn) -> None:
+    """Capture the twin again after `fn` (a `.to()` conversion) and rebuild every graph variant."""
+    from torch.utils import _pytree as pytree
+
+    old = mod.modfx_capture
+    twin = old.twin._apply(fn)
+    args, kwargs = pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, old.example_inputs)
+    mod.modfx_capture = capture(twin, args, kwargs, copy_model=False)
+    modes = {mode for mode, _ in mod._programs}
+    mod._programs.clear()
+    mod.modfx_graphs.clear()
+    for mode in sorted(modes, key=ROUTING_MODES.index):
+        _build(mod, mode)
 
 
 def plan(mod: nn.Module) -> Plan:

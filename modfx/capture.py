@@ -27,6 +27,7 @@ class Capture:
     seq_expr: sympy.Expr | None  # length of the inputs' token axis (a symbol when dynamic)
     example_inputs: tuple[tuple, dict]
     non_persistent: set[str]  # buffer names the user's model does not save
+    twin: nn.Module  # the private copy that was exported; shares its parameters with the graphs
 
 
 def dynamic_shapes_for(args: tuple, kwargs: dict):
@@ -84,9 +85,10 @@ def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
     return dict(zip(names, dyn_args))
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
-    """Export a deep copy of `model` (the user's model is never touched)."""
-    twin = copy.deepcopy(model)
+def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True) -> Capture:
+    """Export a deep copy of `model` (the user's model is never touched); copy_model=False exports
+    `model` itself (a twin made by an earlier capture, after `.to()`)."""
+    twin = copy.deepcopy(model) if copy_model else model
     ep = _export(twin, args, kwargs)
     first = twin.training
     modules = {first: ep.module()}
@@ -111,4 +113,5 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
         seq_expr,
         (args, kwargs),
         set(ep.graph_signature.non_persistent_buffers),
+        twin,
     )

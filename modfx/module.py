@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.fx import CodeGen, Graph, GraphModule
-from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from .errors import ModfxError
@@ -58,15 +57,31 @@ class MoDModule(nn.Module):
                     else:
                         setattr(self, top, val)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.to(device)` / `.half()` ...: a captured graph has dtypes and devices baked in
+        (e.g. `x.float()` in a norm), so when they change, the private twin is converted the same way and
+        captured again; routers and predictors (already converted) are reused."""
+        before = self._placement()
+        super()._apply(fn, recurse)
+        if getattr(self, "modfx_capture", None) is not None and self._placement() != before:
+            from .api import _recapture
+
+            _recapture(self, fn)
+        return self
+
+    def _placement(self):
+        return {(p.dtype, p.device) for p in self.parameters()}
+
     def forward(self, *args, **kwargs):
-        try:
-            flat = fx_pytree.tree_flatten_spec((list(args), kwargs), self._in_spec)
-        except Exception as e:  # noqa: BLE001
+        order = self._in_spec.children_specs[1].context  # keyword names in captured order
+        kwargs = {**{k: kwargs[k] for k in order if k in kwargs}, **kwargs}
+        flat, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != self._in_spec:
             raise ModfxError(
                 "the transformed module was called with arguments whose structure differs from the example "
-                f"inputs it was captured with (expected {self._in_spec}); call it like the example, or "
-                "transform again with example inputs of the structure you will use"
-            ) from e
+                f"inputs it was captured with:\n  got      {spec}\n  expected {self._in_spec}\ncall it like the "
+                "example, or transform again with example inputs of the structure you will use"
+            )
         key = (self._routing, self.training)
         outs = self._programs[key](self, *flat)
         n = self._n_outputs

@@ -1,0 +1,142 @@
+"""Bad input ends in a ModfxError that says what was wrong and what to do; the user's model is untouched."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import modfx
+from modfx.models import gpt
+
+V = 64
+
+
+def small():
+    torch.manual_seed(0)
+    return gpt.GPT(gpt.GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=64))
+
+
+def ids(b=2, s=16):
+    return torch.randint(0, V, (b, s))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"capacity": 0.0}, "capacity must be in"),
+        ({"capacity": 1.5}, "capacity must be in"),
+        ({"every": 0}, "every must be"),
+        ({"blocks": ()}, "blocks is empty"),
+        ({"blocks": (5,)}, "out of range"),
+        ({"weighting": "softmax"}, "unknown weighting"),
+        ({"capacty": 0.5}, "unknown MoDConfig field"),
+    ],
+)
+def test_bad_config_is_refused_and_model_unchanged(overrides, message):
+    model = small()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(modfx.ModfxError, match=message):
+        modfx.transform(model, (ids(),), **overrides)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.training
+
+
+def test_model_without_residual_blocks_says_what_modfx_looks_for():
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(modfx.ModfxError, match="no transformer blocks found.*residual add"):
+        modfx.transform(mlp, (torch.randn(2, 5, 8),))
+
+
+def test_cnn_has_no_blocks():
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(modfx.ModfxError, match="no transformer blocks found"):
+        modfx.transform(cnn, (torch.randn(2, 3, 16, 16),))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        if x.sum() > 0:  # data-dependent Python control flow
+            return x
+        return -x
+
+
+def test_uncapturable_model_keeps_the_export_error_as_cause():
+    with pytest.raises(modfx.ModfxError, match="torch.export could not capture") as info:
+        modfx.transform(DataDependent(), (ids(),))
+    assert info.value.__cause__ is not None
+    assert "torch.cond" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["ids", 3, None])
+def test_example_inputs_of_the_wrong_type(bad):
+    with pytest.raises(modfx.ModfxError, match="example"):
+        modfx.transform(small(), bad)
+
+
+def test_calling_with_another_structure_says_how_to_call():
+    mod = modfx.transform(small(), (ids(),))
+    with pytest.raises(modfx.ModfxError, match="structure differs"):
+        mod(ids(), ids())
+
+
+def test_other_batch_sizes_and_short_sequences_work():
+    model = small().eval()
+    mod = modfx.transform(model, (ids(),), capacity=1.0, weighting="none")
+    for b, s in ((1, 1), (3, 5), (5, 40)):
+        x = ids(b, s)
+        torch.testing.assert_close(mod(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_to_bfloat16_recaptures_and_keeps_precision():
+    model = small().eval()
+    mod = modfx.transform(model, (ids(),), capacity=0.5)
+    x = ids()
+    ref = mod(x).logits
+    mod16 = mod.to(torch.bfloat16)
+    out = mod16(x).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_no_grad_and_inference_mode_work():
+    mod = modfx.transform(small(), (ids(),))
+    x = ids()
+    with torch.no_grad():
+        a = mod(x).logits
+    with torch.inference_mode():
+        b = mod(x).logits
+    assert torch.equal(a, b)
+
+
+def test_state_dict_round_trips():
+    model = small()
+    mod = modfx.transform(model, (ids(),)).eval()
+    other = modfx.transform(small(), (ids(),)).eval()
+    other.load_state_dict(mod.state_dict())
+    x = ids()
+    assert torch.equal(other(x).logits, mod(x).logits)
+
+
+def test_dense_checkpoint_loads_with_only_routing_keys_missing():
+    model = small()
+    mod = modfx.transform(model, (ids(),))
+    missing, unexpected = mod.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(".mod_router." in k or ".mod_predictor." in k for k in missing)
+
+
+def test_train_and_eval_switch_dropout():
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V, dropout=0.5))
+    mod = modfx.transform(model, (ids(),))
+    x = ids()
+    mod.eval()
+    assert torch.equal(mod(x).logits, mod(x).logits)
+    mod.train()
+    assert not torch.equal(mod(x).logits, mod(x).logits)

@@ -1,0 +1,117 @@
+"""The predictor branch: trained by the normal backward, causal routing, exact full-sequence forward."""
+
+import pytest
+import torch
+
+import modfx
+from modfx.models import llama
+from modfx.models.common import rope_at
+
+D, H, V, S, B = 32, 4, 64, 24, 2
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=D, n_heads=H, vocab_size=V)).eval()
+    ids = torch.randint(0, V, (B, S))
+    return model, modfx.transform(model, (ids,), **{"capacity": 0.25, **overrides}), ids
+
+
+@pytest.fixture(scope="module")
+def built():
+    return make()
+
+
+def test_aux_loss_leaves_outputs_and_main_gradients_unchanged():
+    grads, outs = {}, {}
+    for w in (0.0, 1.0):
+        model, mod, ids = make(aux_loss_weight=w)
+        out = mod(ids).logits
+        out.pow(2).mean().backward()
+        outs[w] = out.detach()
+        grads[w] = {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
+    assert torch.equal(outs[0.0], outs[1.0])
+    main = [n for n in grads[1.0] if "mod_predictor" not in n]
+    assert main and all(torch.equal(grads[0.0][n], grads[1.0][n]) for n in main)
+    pred = [n for n in grads[1.0] if "mod_predictor" in n]
+    assert pred and all(grads[1.0][n].abs().sum() > 0 for n in pred)
+    assert all(grads[0.0][n].abs().sum() == 0 for n in pred)
+
+
+def test_routing_stats_report_the_last_forward(built):
+    _, mod, ids = built
+    modfx.set_routing(mod, "topk")
+    mod(ids)
+    stats = modfx.routing_stats(mod)
+    assert list(stats) == ["layers.1"]
+    s = stats["layers.1"]
+    assert s["aux_loss"] > 0 and 0 <= s["accuracy"] <= 1 and 0 <= s["selected"] <= 1
+
+
+def test_predictor_routing_is_causal(built):
+    _, mod, ids = built
+    modfx.set_routing(mod, "predictor")
+    try:
+        t = 9
+        perturbed = ids.clone()
+        perturbed[:, t:] = (perturbed[:, t:] + 7) % V
+        torch.testing.assert_close(mod(ids).logits[:, :t], mod(perturbed).logits[:, :t], rtol=0, atol=0)
+    finally:
+        modfx.set_routing(mod, "topk")
+
+
+def test_predictor_routing_processes_exactly_the_selected_tokens():
+    """Eager oracle: per sequence, the selected tokens (predictor logit > 0) run the block among
+    themselves (at their original positions); every other token passes the block unchanged."""
+    model, mod, ids = make(blocks=(1,), weighting="sigmoid")
+    pred = mod.get_submodule("layers.1.mod_predictor")
+    with torch.no_grad():
+        x = model.layers[0](model.tok_emb(ids), *rope_at(model.cos, model.sin, S))
+        pred[2].bias -= pred(x).median()  # select about half of the tokens
+    modfx.set_routing(mod, "predictor")
+    got = mod(ids).logits
+    router = mod.get_submodule("layers.1.mod_router").weight.detach()
+    with torch.no_grad():
+        rows = []
+        for b in range(B):
+            xb = x[b : b + 1]
+            sel = (pred(xb)[0, :, 0] > 0).nonzero().flatten()
+            assert 0 < len(sel) < S
+            cos, sin = model.cos[sel][None], model.sin[sel][None]
+            xs = xb[:, sel]
+            f = model.layers[1](xs, cos, sin) - xs
+            out = xb.clone()
+            out[:, sel] = xs + torch.sigmoid(xs @ router.T) * f
+            rows.append(out)
+        want = model.head(model.norm(torch.cat(rows)))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_predictor_selecting_everything_at_capacity_one_reproduces_the_model():
+    model, mod, ids = make(capacity=1.0, weighting="none", every=1)
+    with torch.no_grad():
+        for i in range(2):
+            mod.get_submodule(f"layers.{i}.mod_predictor")[2].bias.fill_(100.0)
+    modfx.set_routing(mod, "predictor")
+    torch.testing.assert_close(mod(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_predictor_routing_compiles_in_one_graph(built):
+    _, mod, ids = built
+    modfx.set_routing(mod, "predictor")
+    try:
+        compiled = torch.compile(mod, fullgraph=True)
+        torch.testing.assert_close(compiled(ids).logits, mod(ids).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        modfx.set_routing(mod, "topk")
+
+
+def test_unknown_routing_mode_is_refused(built):
+    with pytest.raises(modfx.ModfxError, match="unknown routing mode"):
+        modfx.set_routing(built[1], "random")
+
+
+def test_predictor_mode_needs_the_predictor():
+    _, mod, _ = make(predictor=False)
+    with pytest.raises(modfx.ModfxError, match="predictor=False"):
+        modfx.set_routing(mod, "predictor")
