@@ -54,6 +54,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     mod.train(model.training)
     mod._in_spec, mod._out_spec = cap.in_spec, cap.out_spec
     mod._n_outputs = cap.out_spec.num_leaves
+    mod._kw_order = tuple(kwargs)
     mod.modfx_config = config
     mod.modfx_capture = cap
     result = _build(mod, "topk")

@@ -40,6 +40,7 @@ class MoDModule(nn.Module):
         self._in_spec = None
         self._out_spec = None
         self._n_outputs = 0
+        self._kw_order: tuple[str, ...] = ()
         self._stats: tuple = ()
         self.modfx_plan = None
 
@@ -73,8 +74,7 @@ class MoDModule(nn.Module):
         return {(p.dtype, p.device) for p in self.parameters()}
 
     def forward(self, *args, **kwargs):
-        order = self._in_spec.children_specs[1].context  # keyword names in captured order
-        kwargs = {**{k: kwargs[k] for k in order if k in kwargs}, **kwargs}
+        kwargs = {**{k: kwargs[k] for k in self._kw_order if k in kwargs}, **kwargs}  # captured order
         flat, spec = pytree.tree_flatten((tuple(args), kwargs))
         if spec != self._in_spec:
             raise ModfxError(

@@ -31,6 +31,7 @@ class PipelineResult:
     blocks: list[Block]
     routed: tuple[int, ...]
     stats: list  # extra graph outputs (predictor loss / accuracy per routed block), in order
+    outputs: dict  # routed block index -> its new (merged) output node
 
 
 def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sympy.Expr | None,
@@ -39,6 +40,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
     routed = config.routed(len(blocks))
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
+    outputs = {}
     for block in blocks:
         block.x = rerouted.get(block.x, block.x)
         if block.index not in routed:
@@ -58,5 +60,6 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         else:
             raise ValueError(mode)
         rerouted[old_out] = new_out
+        outputs[block.index] = new_out
     graph.lint()
-    return PipelineResult(blocks, routed, stats)
+    return PipelineResult(blocks, routed, stats, outputs)

@@ -166,6 +166,7 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
         stats = call(graph, aten.cat.default, ([nan, call(graph, aten.unsqueeze.default, (frac, 0), stack=st)],), stack=st)
     for u in outside:
         u.replace_input_with(y, merged)
+    merged.meta["modfx_sel"] = sel  # which tokens entered the block, for the KV-cache prefill
     return merged, stats
 
 

@@ -1,0 +1,173 @@
+"""`modfx.generate`: autoregressive sampling with per-block KV caches that hold only routed tokens.
+
+Prefill runs the prompt through the predictor-routing graph (causal routing) and keeps, per block, the
+keys and values of the tokens that entered it; each decode step runs a one-token capture rewritten by
+`passes/kv_cache.py`, where a routed block the predictor skips executes nothing (torch.cond).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import warnings
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .capture import capture
+from .errors import ModfxError
+from .module import MoDModule, program
+from .passes import run_pipeline
+from .passes.discover import find_blocks
+from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
+
+
+@dataclasses.dataclass
+class Decoder:
+    prefill: object  # program(mod, ids) -> user outputs, stats, (k, v) per attention op, sel per routed block
+    decode: object  # program(mod, ids, pos, *caches) -> user outputs, (k, v) per attention op, sel per routed
+    sig: DecodeSignature
+    n_stats: int
+    pos_name: str
+
+
+def _copy(graph):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)
+
+
+def _positions_arg(model) -> str:
+    """The forward parameter that takes absolute token positions (e.g. `input_pos`, `position_ids`)."""
+    for name in inspect.signature(model.forward).parameters:
+        if "pos" in name:
+            return name
+    raise ModfxError(
+        f"generate needs {type(model).__name__}.forward to accept token positions (a parameter such as "
+        "`input_pos` or `position_ids`), so that a decoded token gets its true position"
+    )
+
+
+def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
+    """Build (once) the prefill and decode programs of a transformed module; dense=True builds them
+    with no block routed (the dense baseline, with the same KV caches)."""
+    decoders = mod.__dict__.setdefault("modfx_decoders", {})
+    if dense in decoders:
+        return decoders[dense]
+    cap, config = mod.modfx_capture, mod.modfx_config
+    if not config.predictor and not dense:
+        raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
+    twin = cap.twin
+    was_training = twin.training
+    twin.eval()
+    try:
+        g = _copy(cap.graphs[False])
+        if dense:
+            blocks, stats, sel_of = find_blocks(g, cap.seq_expr), [], {}
+        else:
+            result = run_pipeline(g, mod, config, cap.seq_expr, "predictor")
+            blocks, stats = result.blocks, result.stats
+            sel_of = {i: n.meta["modfx_sel"] for i, n in result.outputs.items()}
+        out = g.output_node()
+        out.args = (tuple(out.args[0]) + tuple(stats),)
+        expose_prefill(g, blocks, sel_of)
+        mod.adopt_attrs(cap.modules[False], g)
+        prefill = program(mod, g)
+
+        pos_name = _positions_arg(twin)
+        (args, kwargs) = cap.example_inputs
+        ids = args[0] if args else next(iter(kwargs.values()))
+        dev = ids.device
+        ids = torch.zeros((2, 3), dtype=ids.dtype, device=dev)
+        dec = capture(twin, (ids,), {pos_name: torch.arange(3, device=dev).expand(2, 3)}, copy_model=False)
+        dg = _copy(dec.graphs[False])
+        blocks = find_blocks(dg, dec.seq_expr)
+        routed = () if dense else config.routed(len(blocks))
+        sig = rewrite_decode(dg, mod, blocks, routed, config)
+        mod.adopt_attrs(dec.modules[False], dg)
+        decode = program(mod, dg)
+    finally:
+        twin.train(was_training)
+    decoders[dense] = Decoder(prefill, decode, sig, len(stats), pos_name)
+    return decoders[dense]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < v, float("-inf"))
+    return torch.multinomial(torch.softmax(logits.float(), -1), 1)[..., 0]
+
+
+def _logits(user_outputs, out_spec) -> torch.Tensor:
+    out = pytree.tree_unflatten(list(user_outputs), out_spec)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, compile: bool = False, return_logits: bool = False,
+             dense: bool = False):
+    """Sample `max_new_tokens` tokens after `input_ids` [B, P], routing with the predictor.
+
+    Every block keeps a KV cache of only the tokens that entered it, at their true positions; at a
+    decode step a routed block whose predictor skips every row executes nothing. Returns the ids
+    [B, P + max_new_tokens] (and the logits of each new token [B, N, V] with return_logits=True).
+    compile=True compiles the decode step with Inductor (one graph); dense=True runs every block on every
+    token (the dense model with the same caches, as a baseline).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ModfxError("generate expects input_ids of shape [B, P]")
+    dec = decoder(mod, dense)
+    n_out = mod._n_outputs
+    B, P = input_ids.shape
+    L = P + max_new_tokens
+    outs = dec.prefill(mod, input_ids)
+    logits = _logits(outs[:n_out], mod._out_spec)[:, -1]  # [B, V]
+    rest = outs[n_out + dec.n_stats:]
+    n_attn = len(dec.sig.attention)
+    kv, sels = rest[: 2 * n_attn], dict(zip(dec.sig.routed, rest[2 * n_attn:]))
+    lens = {i: torch.full((B,), P, dtype=torch.int64, device=input_ids.device) for i in set(dec.sig.attention)}
+    caches = []
+    for j, blk in enumerate(dec.sig.attention):
+        k, v = kv[2 * j], kv[2 * j + 1]  # [B, H, P, hd]
+        keep = sels.get(blk, torch.ones(B, P, dtype=torch.bool, device=k.device))
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # entered tokens first, in order
+        K = k.new_zeros(*k.shape[:-2], L, k.shape[-1])
+        V = v.new_zeros(*v.shape[:-2], L, v.shape[-1])
+        index = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        K[..., :P, :] = k.gather(2, index)
+        V[..., :P, :] = v.gather(2, index)
+        lens[blk] = keep.sum(1)
+        caches.append((K, V))
+    step = dec.decode
+    if compile:
+        step = torch.compile(step, fullgraph=True)
+    ids, new_logits = input_ids, []
+    rows = torch.arange(B, device=input_ids.device)
+    for t in range(max_new_tokens):
+        new_logits.append(logits)
+        tok = _sample(logits, temperature, top_k)[:, None]  # [B, 1]
+        ids = torch.cat([ids, tok], 1)
+        if t == max_new_tokens - 1:
+            break
+        pos = torch.full((B, 1), P + t, dtype=torch.int64, device=ids.device)
+        extra = []
+        for blk in dict.fromkeys(dec.sig.attention):
+            extra.append(lens[blk])
+            extra += [c for j, b in enumerate(dec.sig.attention) if b == blk for c in caches[j]]
+        outs = step(mod, tok, pos, *extra)
+        logits = _logits(outs[:n_out], mod._out_spec)[:, -1]
+        rest = outs[n_out:]
+        kv, step_sel = rest[: 2 * n_attn], dict(zip(dec.sig.routed, rest[2 * n_attn:]))
+        for j, blk in enumerate(dec.sig.attention):
+            K, V = caches[j]
+            K[rows, :, lens[blk]] = kv[2 * j][:, :, 0]
+            V[rows, :, lens[blk]] = kv[2 * j + 1][:, :, 0]
+        for blk in lens:
+            lens[blk] = lens[blk] + (step_sel[blk].long() if blk in step_sel else 1)
+    return (ids, torch.stack(new_logits, 1)) if return_logits else ids

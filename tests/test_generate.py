@@ -1,0 +1,103 @@
+"""Sampling with KV caches that hold only routed tokens; skipped tokens execute nothing of the block."""
+
+import pytest
+import torch
+
+import modfx
+from modfx.models import llama
+from modfx.models.common import rope_at
+
+V, P, N = 64, 12, 8
+
+
+def make(bias=None, **overrides):
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=V)).eval()
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(model, (ids,), **{"capacity": 0.25, **overrides}).eval()
+    if bias is not None:
+        for b in modfx.plan(mod).routed:
+            with torch.no_grad():
+                mod.get_submodule(f"{b.name}.mod_predictor")[2].bias.fill_(bias)
+    return model, mod, ids
+
+
+def half_selecting(mod, model, ids):
+    """Shift each predictor so that it selects about half of the prompt's tokens at its block."""
+    with torch.no_grad():
+        x = model.tok_emb(ids)
+        cos, sin = rope_at(model.cos, model.sin, ids.shape[1])
+        for i, layer in enumerate(model.layers):
+            name = f"layers.{i}"
+            if hasattr(mod.get_submodule(name), "mod_predictor"):
+                pred = mod.get_submodule(f"{name}.mod_predictor")
+                pred[2].bias -= pred(x).median()
+            x = layer(x, cos, sin)
+
+
+def recompute(mod, ids, n):
+    """The oracle: re-run the whole sequence in predictor routing at every step, greedy."""
+    modfx.set_routing(mod, "predictor")
+    logits = []
+    for _ in range(n):
+        step = mod(ids).logits[:, -1]
+        logits.append(step)
+        ids = torch.cat([ids, step.argmax(-1, keepdim=True)], 1)
+    modfx.set_routing(mod, "topk")
+    return ids, torch.stack(logits, 1)
+
+
+def test_cached_generation_equals_recomputing_the_sequence():
+    model, mod, ids = make()
+    half_selecting(mod, model, ids)
+    got_ids, got_logits = modfx.generate(mod, ids, N, return_logits=True)
+    want_ids, want_logits = recompute(mod, ids, N)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+
+
+def branch_calls(mod, block, kind):
+    calls = []
+    mod.get_submodule(f"modfx_decode_{block}_{kind}").register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("bias, runs", [(-100.0, False), (100.0, True)])
+def test_a_skipped_token_executes_nothing_of_the_block(bias, runs):
+    _, mod, ids = make(bias=bias)
+    modfx.generate(mod, ids[:, :2], 1)  # builds the decoder
+    run, skip = branch_calls(mod, 1, "run"), branch_calls(mod, 1, "skip")
+    modfx.generate(mod, ids, N)
+    steps = N - 1  # decode steps after the prefill
+    assert (len(run), len(skip)) == ((steps, 0) if runs else (0, steps))
+
+
+def test_selecting_everything_at_capacity_one_generates_like_the_original_model():
+    model, mod, ids = make(bias=100.0, capacity=1.0, weighting="none", every=1)
+    got = modfx.generate(mod, ids, N)
+    want = ids
+    with torch.no_grad():
+        for _ in range(N):
+            want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(got, want)
+
+
+def test_compiled_decode_generates_the_same_tokens():
+    model, mod, ids = make()
+    half_selecting(mod, model, ids)
+    assert torch.equal(modfx.generate(mod, ids, 4, compile=True), modfx.generate(mod, ids, 4))
+
+
+def test_generate_needs_the_predictor():
+    _, mod, ids = make(predictor=False)
+    with pytest.raises(modfx.ModfxError, match="predictor"):
+        modfx.generate(mod, ids, 2)
+
+
+def test_dense_baseline_generates_like_the_original_model():
+    model, mod, ids = make()
+    want = ids
+    with torch.no_grad():
+        for _ in range(N):
+            want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(modfx.generate(mod, ids, N, dense=True), want)
