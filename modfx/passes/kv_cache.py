@@ -239,7 +239,9 @@ def _extract(graph: Graph, region: list[Node], outs: list[Node]):
         env[s] = _size_from(sub, s, tensors, env)
     for n in region:
         env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(tuple(env[o] for o in outs))
+    # contiguous outputs, so both branches agree on strides (cond requires it)
+    sub.output(tuple(sub.call_function(aten.clone.default, (env[o],), {"memory_format": torch.contiguous_format})
+                     for o in outs))
     true_gm = GraphModule(nn.Module(), sub)
 
     zero, zenv = Graph(), {}

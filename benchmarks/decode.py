@@ -1,0 +1,96 @@
+"""Decode throughput, dense vs MoD, both compiled, with the KV caches of modfx.generate.
+
+    python benchmarks/decode.py                 # 12 layers, d 768, prompt 128, 256 new tokens, batch 1 and 8
+    python benchmarks/decode.py --quick         # seconds
+
+The MoD model is the reference llama transformed at capacity 0.125 every other block. Its predictors are
+untrained, so each one's output bias is calibrated on the prompt to select `capacity` of the tokens (what a
+trained predictor does, by its BCE target); the dense baseline is the same transformed module with
+`dense=True` (every block on every token, same caches, no routing ops). Tokens/s count decode steps only
+(prefill and compilation excluded); times are medians over --repeat runs.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+import modfx
+from modfx.models import llama
+from modfx.models.common import rope_at
+
+
+def calibrate(mod, model, ids, capacity):
+    """Shift each predictor's bias so it selects `capacity` of the prompt's tokens at its block."""
+    with torch.no_grad():
+        x = model.tok_emb(ids)
+        cos, sin = rope_at(model.cos, model.sin, ids.shape[1])
+        for i, layer in enumerate(model.layers):
+            block = mod.get_submodule(f"layers.{i}")
+            if hasattr(block, "mod_predictor"):
+                logits = block.mod_predictor(x).flatten()
+                block.mod_predictor[2].bias -= torch.quantile(logits, 1 - capacity)
+            x = layer(x, cos, sin)
+
+
+def decode_seconds(mod, ids, new, dense, repeat):
+    modfx.generate(mod, ids, new, compile=True, dense=dense)  # compile + warm up
+    prefill = []
+    for _ in range(repeat):  # the prefill alone, to subtract
+        t = time.perf_counter()
+        modfx.generate(mod, ids, 1, compile=True, dense=dense)
+        prefill.append(time.perf_counter() - t)
+    total = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        modfx.generate(mod, ids, new, compile=True, dense=dense)
+        total.append(time.perf_counter() - t)
+    return statistics.median(total) - statistics.median(prefill)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--capacity", type=float, default=0.125)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.layers, a.d_model, a.heads, a.prompt, a.new, a.batch, a.repeat = 4, 64, 4, 16, 8, [1, 2], 1
+    torch.manual_seed(0)
+    cfg = llama.LlamaConfig(n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, vocab_size=256)
+    model = llama.Llama(cfg).eval()
+    ideal = 1 / (0.5 + 0.5 * a.capacity)  # every other block routed; a skipped block costs nothing
+    rows, record = [], []
+    for B in a.batch:
+        ids = torch.randint(0, 256, (B, a.prompt))
+        mod = modfx.transform(model, (ids,), capacity=a.capacity, every=2).eval()
+        calibrate(mod, model, ids, a.capacity)
+        steps = a.new - 1
+        print(f"batch {B}: timing dense and MoD decode ...", file=sys.stderr)
+        dense_s = decode_seconds(mod, ids, a.new, True, a.repeat)
+        mod_s = decode_seconds(mod, ids, a.new, False, a.repeat)
+        dense_tps, mod_tps = B * steps / dense_s, B * steps / mod_s
+        rows.append((B, f"{dense_tps:.1f}", f"{mod_tps:.1f}", f"{mod_tps / dense_tps:.2f}x", f"{ideal:.2f}x"))
+        record.append(dict(batch=B, dense_tok_s=dense_tps, mod_tok_s=mod_tps, speedup=mod_tps / dense_tps, ideal=ideal))
+    print(tabulate(rows, headers=["batch", "dense tok/s", "MoD tok/s", "speedup", "ideal (FLOPs, B=1)"]))
+    if a.json:
+        meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.platform(),
+                    cpus=torch.get_num_threads(), args=vars(a))
+        with open(a.json, "w") as f:
+            json.dump(dict(meta=meta, rows=record), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
