@@ -48,6 +48,8 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
         fields = ", ".join(f.name for f in dataclasses.fields(MoDConfig))
         raise ModfxError(f"unknown MoDConfig field in {sorted(overrides)}; fields are: {fields}") from e
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
+    if not args and not kwargs:
+        args, kwargs = infer_example_inputs(model)
 
     cap = capture(model, args, kwargs)
     mod = MoDModule(next(iter(cap.modules.values())))
@@ -130,6 +132,22 @@ def routing_stats(mod: nn.Module) -> dict[str, dict[str, float]]:
     return {b.name: dict(zip(names, s.tolist())) for b, s in zip(p.routed, mod._stats)}
 
 
+def routing_parameters(mod: nn.Module) -> list[nn.Parameter]:
+    """The routers' and predictors' parameters, e.g. for an optimizer group with its own learning rate."""
+    plan(mod)
+    return [p for n, p in mod.named_parameters() if ".mod_router." in n or ".mod_predictor." in n]
+
+
+def trainable_routing_parameters(mod: nn.Module) -> list[nn.Parameter]:
+    """Freeze every parameter but the routers' and predictors' (to convert a trained dense model) and
+    return those."""
+    routing = routing_parameters(mod)
+    keep = {id(p) for p in routing}
+    for p in mod.parameters():
+        p.requires_grad_(id(p) in keep)
+    return routing
+
+
 def _normalise_inputs(example_inputs, example_kwargs):
     import torch
 
@@ -147,9 +165,36 @@ def _normalise_inputs(example_inputs, example_kwargs):
             "e.g. modfx.transform(model, (input_ids,)) or modfx.transform(model, example_kwargs={'input_ids': ids})"
         )
     kwargs = dict(example_kwargs or {})
-    if not args and not kwargs:
-        raise ModfxError(
-            "example inputs are needed to capture the model: pass them as modfx.transform(model, (input_ids,)) "
-            "or modfx.transform(model, example_kwargs={...})"
-        )
     return args, kwargs
+
+
+def infer_example_inputs(model: nn.Module) -> tuple[tuple, dict]:
+    """Example inputs for a model given none, from what its first layers take (never from its name):
+    `dummy_inputs` when the model offers them (Hugging Face models), else by its first embedding, conv
+    or linear layer: token ids [2, 16] below the vocabulary, an image [2, C, H, W] of the configured size,
+    or features [2, 16, in_features]."""
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and dummy and all(isinstance(v, torch.Tensor) for v in dummy.values()):
+        return (), {k: _lengthen(v) for k, v in dummy.items()}
+    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Conv2d, nn.Linear))), None)
+    g = torch.Generator().manual_seed(0)
+    if isinstance(first, nn.Embedding):
+        return (torch.randint(0, first.num_embeddings, (2, 16), generator=g),), {}
+    if isinstance(first, nn.Conv2d):
+        size = getattr(getattr(model, "config", None), "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.randn(2, first.in_channels, h, w, generator=g),), {}
+    if isinstance(first, nn.Linear):
+        return (torch.randn(2, 16, first.in_features, generator=g),), {}
+    raise ModfxError(
+        f"cannot infer example inputs for {type(model).__name__} (no embedding, conv or linear input layer "
+        "found); pass them: modfx.transform(model, (input_ids,)) or modfx.transform(model, "
+        "example_kwargs={'input_ids': ids, 'attention_mask': mask})"
+    )
+
+
+def _lengthen(t: torch.Tensor) -> torch.Tensor:
+    """HF dummy inputs are [3, 5]: use batch 2 and 16 tokens so the axes stay distinct and dynamic."""
+    if t.dim() == 2 and not t.is_floating_point():
+        return t.repeat(1, 4)[:2, :16].contiguous()
+    return t

@@ -1,0 +1,97 @@
+"""Save, load and export transformed modules.
+
+- `save(mod, path)` / `load(path)`: the private copy of the user's model (pickled, so its classes must be
+  importable when loading), the example inputs, the `MoDConfig` and the full state_dict (routers and
+  predictors included); `load` transforms again and restores the weights, giving identical outputs.
+- `export(mod, path)`: a self-contained `torch.export` program of the routed model (`.pt2`, runs without
+  the model's Python source), for the current routing mode, in eval mode, with dynamic batch and sequence.
+  It returns the model's output leaves as a tuple (e.g. `(logits,)`), so no output class is needed.
+- `export_aoti(mod, path)`: an AOTInductor package of the same program, where the installed torch has it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import ModfxError
+from .module import MoDModule
+
+
+def _check(mod) -> MoDModule:
+    if not isinstance(mod, MoDModule):
+        raise ModfxError(f"expected a module returned by modfx.transform, got {type(mod).__name__}")
+    return mod
+
+
+def save(mod: MoDModule, path) -> None:
+    mod = _check(mod)
+    cap = mod.modfx_capture
+    torch.save(
+        {
+            "format": "modfx/1",
+            "model": cap.twin,
+            "example_inputs": cap.example_inputs,
+            "config": mod.modfx_config,
+            "routing": mod._routing,
+            "training": mod.training,
+            "state_dict": mod.state_dict(),
+        },
+        path,
+    )
+
+
+def load(path, map_location=None) -> MoDModule:
+    from .api import set_routing, transform
+
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != "modfx/1":
+        raise ModfxError(f"{path} is not a file written by modfx.save")
+    args, kwargs = blob["example_inputs"]
+    mod = transform(blob["model"], args, blob["config"], example_kwargs=kwargs)
+    mod.load_state_dict(blob["state_dict"])
+    mod.train(blob["training"])
+    return set_routing(mod, blob["routing"])
+
+
+class _FlatOutputs(torch.nn.Module):
+    """The routed model returning its output leaves as a tuple: an artifact that needs no Python class
+    of the user's (a custom output type would have to be importable where the artifact is loaded)."""
+
+    def __init__(self, mod: MoDModule):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, *args, **kwargs):
+        return tuple(pytree.tree_leaves(self.mod(*args, **kwargs)))
+
+
+def _exported(mod: MoDModule) -> torch.export.ExportedProgram:
+    from .capture import dynamic_shapes_for
+
+    args, kwargs = mod.modfx_capture.example_inputs
+    dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs)
+    was = mod.training
+    mod.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(_FlatOutputs(mod), args, kwargs, strict=False,
+                                       dynamic_shapes={"args": dyn_args, **({"kwargs": dyn_kwargs} if kwargs else {})})
+    finally:
+        mod.train(was)
+
+
+def export(mod: MoDModule, path) -> torch.export.ExportedProgram:
+    """Write a `.pt2` of the routed program; reload with `torch.export.load(path).module()`."""
+    ep = _exported(_check(mod))
+    torch.export.save(ep, path)
+    return ep
+
+
+def export_aoti(mod: MoDModule, path) -> str:
+    """Compile the routed program ahead of time with AOTInductor into a package at `path`; reload it
+    with `torch._inductor.aoti_load_package(path)`."""
+    compile_and_package = getattr(torch._inductor, "aoti_compile_and_package", None)
+    if compile_and_package is None:
+        raise ModfxError(f"this torch ({torch.__version__}) has no AOTInductor packaging")
+    return compile_and_package(_exported(_check(mod)), package_path=str(path))

@@ -1,0 +1,79 @@
+"""Workflows: transform(model) alone, routing parameter groups, save/load, .pt2 and AOTInductor artifacts."""
+
+import os
+
+import pytest
+import torch
+
+import modfx
+from modfx.models import gpt, llama
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V)).eval()
+    ids = torch.randint(0, V, (2, 16))
+    return model, modfx.transform(model, (ids,)).eval(), ids
+
+
+def test_transform_without_example_inputs_infers_token_ids_from_the_embedding():
+    model = gpt.GPT(gpt.GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V))
+    p = modfx.plan(modfx.transform(model))
+    assert p.example_inputs == "(2, 16) int64"
+    assert len(p.routed) == 1
+
+
+def test_transform_without_example_inputs_infers_features_for_a_linear_first_layer():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    assert modfx.plan(modfx.transform(model)).example_inputs == "(2, 16, 8) float32"
+
+
+def test_nothing_to_infer_says_how_to_pass_inputs():
+    class NoLayers(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(modfx.ModfxError, match="pass them"):
+        modfx.transform(NoLayers())
+
+
+def test_routing_parameters_single_out_routers_and_predictors(built):
+    _, mod, _ = built
+    names = {n for n, p in mod.named_parameters() if any(p is q for q in modfx.routing_parameters(mod))}
+    assert names == {"layers.1.mod_router.weight", *(f"layers.1.mod_predictor.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))}
+
+
+def test_trainable_routing_parameters_freeze_the_rest():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V))
+    mod = modfx.transform(model, (torch.randint(0, V, (2, 16)),), weighting="ste")
+    params = modfx.trainable_routing_parameters(mod)
+    assert {id(p) for p in mod.parameters() if p.requires_grad} == {id(p) for p in params}
+
+
+def test_save_and_load_round_trip(built, tmp_path):
+    _, mod, ids = built
+    modfx.save(mod, tmp_path / "mod.pt")
+    again = modfx.load(tmp_path / "mod.pt")
+    assert torch.equal(again(ids).logits, mod(ids).logits)
+    assert modfx.plan(again).routed == modfx.plan(mod).routed
+
+
+def test_pt2_export_runs_without_modfx_and_matches_eager(built, tmp_path):
+    _, mod, ids = built
+    modfx.export(mod, tmp_path / "mod.pt2")
+    loaded = torch.export.load(tmp_path / "mod.pt2").module()
+    for x in (ids, torch.randint(0, V, (3, 21))):
+        (logits,) = loaded(x)
+        torch.testing.assert_close(logits, mod(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.environ.get("MODFX_SLOW_TESTS"), reason="AOTInductor compiles C++ for ~1 min; MODFX_SLOW_TESTS=1")
+def test_aoti_package_matches_eager(built, tmp_path):
+    _, mod, ids = built
+    path = modfx.export_aoti(mod, tmp_path / "mod_aoti.pt2")
+    (logits,) = torch._inductor.aoti_load_package(path)(ids)
+    torch.testing.assert_close(logits, mod(ids).logits, rtol=1e-5, atol=1e-5)
