@@ -23,10 +23,10 @@ def median_ms(fn, x, repeat):
     return statistics.median(times)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     layers, d, seq, batch, repeat = (4, 64, 64, 2, 3) if args.quick else (8, 256, 512, 2, 5)
     torch.manual_seed(0)
     model = llama.Llama(llama.LlamaConfig(n_layers=layers, d_model=d, n_heads=8, vocab_size=256)).eval()

@@ -30,6 +30,7 @@ class Decoder:
     sig: DecodeSignature
     n_stats: int
     pos_name: str
+    out_spec: object  # output structure of both programs' user outputs
 
 
 def _copy(graph):
@@ -61,23 +62,26 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     twin = cap.twin
     was_training = twin.training
     twin.eval()
+    args, kwargs = cap.example_inputs
+    ids = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() == 2
+               and not t.is_floating_point())
     try:
-        g = _copy(cap.graphs[False])
+        # the prompt alone (the transform's example may hold more, e.g. labels), in eval mode
+        pre = capture(twin, (ids,), {}, copy_model=False)
+        g = _copy(pre.graphs[False])
         if dense:
-            blocks, stats, sel_of = find_blocks(g, cap.seq_expr), [], {}
+            blocks, stats, sel_of = find_blocks(g, pre.seq_expr), [], {}
         else:
-            result = run_pipeline(g, mod, config, cap.seq_expr, "predictor")
+            result = run_pipeline(g, mod, config, pre.seq_expr, "predictor")
             blocks, stats = result.blocks, result.stats
             sel_of = {i: n.meta["modfx_sel"] for i, n in result.outputs.items()}
         out = g.output_node()
         out.args = (tuple(out.args[0]) + tuple(stats),)
         expose_prefill(g, blocks, sel_of)
-        mod.adopt_attrs(cap.modules[False], g)
+        mod.adopt_attrs(pre.modules[False], g)
         prefill = program(mod, g)
 
         pos_name = _positions_arg(twin)
-        (args, kwargs) = cap.example_inputs
-        ids = args[0] if args else next(iter(kwargs.values()))
         dev = ids.device
         ids = torch.zeros((2, 3), dtype=ids.dtype, device=dev)
         dec = capture(twin, (ids,), {pos_name: torch.arange(3, device=dev).expand(2, 3)}, copy_model=False)
@@ -89,7 +93,7 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
         decode = program(mod, dg)
     finally:
         twin.train(was_training)
-    decoders[dense] = Decoder(prefill, decode, sig, len(stats), pos_name)
+    decoders[dense] = Decoder(prefill, decode, sig, len(stats), pos_name, pre.out_spec)
     return decoders[dense]
 
 
@@ -123,11 +127,11 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ModfxError("generate expects input_ids of shape [B, P]")
     dec = decoder(mod, dense)
-    n_out = mod._n_outputs
+    n_out = dec.out_spec.num_leaves
     B, P = input_ids.shape
     L = P + max_new_tokens
     outs = dec.prefill(mod, input_ids)
-    logits = _logits(outs[:n_out], mod._out_spec)[:, -1]  # [B, V]
+    logits = _logits(outs[:n_out], dec.out_spec)[:, -1]  # [B, V]
     rest = outs[n_out + dec.n_stats:]
     n_attn = len(dec.sig.attention)
     kv, sels = rest[: 2 * n_attn], dict(zip(dec.sig.routed, rest[2 * n_attn:]))
@@ -161,7 +165,7 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
             extra.append(lens[blk])
             extra += [c for j, b in enumerate(dec.sig.attention) if b == blk for c in caches[j]]
         outs = step(mod, tok, pos, *extra)
-        logits = _logits(outs[:n_out], mod._out_spec)[:, -1]
+        logits = _logits(outs[:n_out], dec.out_spec)[:, -1]
         rest = outs[n_out:]
         kv, step_sel = rest[: 2 * n_attn], dict(zip(dec.sig.routed, rest[2 * n_attn:]))
         for j, blk in enumerate(dec.sig.attention):

@@ -29,7 +29,8 @@ class MoDModule(nn.Module):
     def __init__(self, owner_of: GraphModule):
         super().__init__()
         for name, child in owner_of.named_children():
-            self.add_module(name, child)
+            if name != "_guards_fn":  # export's input guards; see adopt_attrs
+                self.add_module(name, child)
         for name, p in owner_of.named_parameters(recurse=False):
             self.register_parameter(name, p)
         for name, b in owner_of.named_buffers(recurse=False):
@@ -45,9 +46,15 @@ class MoDModule(nn.Module):
         self.modfx_plan = None
 
     def adopt_attrs(self, gm: GraphModule, graph: Graph) -> None:
-        """Make every attribute the graph reads resolvable on self (constants, extra buffers)."""
-        for n in graph.nodes:
-            if n.op in ("get_attr", "call_module"):
+        """Make every attribute the graph reads resolvable on self (constants, extra buffers). Export's
+        input-guard call is dropped: it indexes the capture's own flat inputs and misfires on programs
+        built from other captures; MoDModule.forward checks the call structure itself."""
+        for n in list(graph.nodes):
+            if n.op == "call_module" and not n.users:
+                graph.erase_node(n)
+            elif n.op == "call_module":
+                raise ModfxError(f"unexpected module call {n.target} in a captured graph")
+            elif n.op == "get_attr":
                 top = n.target.split(".")[0]
                 if not hasattr(self, top):
                     val = getattr(gm, top)
