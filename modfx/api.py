@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .capture import capture
 from .config import MoDConfig
@@ -51,6 +52,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     if not args and not kwargs:
         args, kwargs = infer_example_inputs(model)
 
+    args, kwargs = _long_enough(args, kwargs, config)
     cap = capture(model, args, kwargs)
     mod = MoDModule(next(iter(cap.modules.values())))
     mod.train(model.training)
@@ -146,6 +148,24 @@ def trainable_routing_parameters(mod: nn.Module) -> list[nn.Parameter]:
     for p in mod.parameters():
         p.requires_grad_(id(p) in keep)
     return routing
+
+
+def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):
+    """Repeat the example along its token axis until k >= 2: with k = 1 at capture, shape propagation
+    specialises the routed block's token count to the constant 1, and the symbolic sizes no longer match."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    seqs = [t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
+    if not seqs or config.k(seqs[0]) >= 2:
+        return args, kwargs
+    S = seqs[0]
+    reps = next(m for m in range(2, 1 << 16) if config.k(S * m) >= 2)
+
+    def lengthen(t):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == S:
+            return torch.cat([t] * reps, dim=1)
+        return t
+
+    return pytree.tree_map(lengthen, (args, kwargs))
 
 
 def _normalise_inputs(example_inputs, example_kwargs):
