@@ -1,0 +1,444 @@
+"""modfx command line: bench, inspect, flops.
+
+    modfx bench   --model llama --layers 8 --d-model 256 --seq 512 --batch 2 [--backward] [--json out.json]
+    modfx inspect --hf gpt2 --layers 2 --d-model 64
+    modfx flops   --model gpt --layers 4
+
+Every subcommand builds the same model from the same flags: a reference model (`--model`) or a small
+Hugging Face model with random weights (`--hf`, no download), then `modfx.transform`s it.
+`bench` compiles dense and MoD with Inductor (`torch.compile(m, fullgraph=True)`) and times all four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from tabulate import tabulate
+
+import modfx
+
+HF_MODELS = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "bert")
+
+
+def log(msg: str) -> None:
+    print(f"[modfx] {msg}", file=sys.stderr, flush=True)
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+def build_model(args) -> torch.nn.Module:
+    """The dense model the flags describe, random weights, on args.device in args.dtype."""
+    torch.manual_seed(args.seed)
+    L, d, h, V = args.layers, args.d_model, args.heads, args.vocab
+    max_len = max(2048, args.seq + 1)
+    if args.hf:
+        model = _hf_model(args.hf, L, d, h, V, max_len)
+    else:
+        from modfx.models import encoder, gpt, llama, moe
+
+        cls, cfg = {
+            "gpt": (gpt.GPT, gpt.GPTConfig), "llama": (llama.Llama, llama.LlamaConfig),
+            "encoder": (encoder.Encoder, encoder.EncoderConfig), "moe": (moe.MoE, moe.MoEConfig),
+        }[args.model]
+        model = cls(cfg(n_layers=L, d_model=d, n_heads=h, vocab_size=V, max_seq_len=max_len))
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+
+
+def _hf_model(name: str, L: int, d: int, h: int, V: int, max_len: int) -> torch.nn.Module:
+    import transformers as T
+    from modfx.models.common import swiglu_hidden
+
+    if name in ("llama", "mistral", "qwen2"):
+        cfg = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[name](
+            vocab_size=V, hidden_size=d, intermediate_size=swiglu_hidden(d), num_hidden_layers=L,
+            num_attention_heads=h, num_key_value_heads=h, max_position_embeddings=max_len, use_cache=False)
+    elif name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=V, n_embd=d, n_layer=L, n_head=h, n_positions=max_len, use_cache=False,
+                           bos_token_id=0, eos_token_id=0)
+    elif name == "gpt_neox":
+        cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=L,
+                              num_attention_heads=h, max_position_embeddings=max_len, use_cache=False,
+                              bos_token_id=0, eos_token_id=0)
+    else:  # bert: an encoder, no LM head
+        cfg = T.BertConfig(vocab_size=V, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=L,
+                           num_attention_heads=h, max_position_embeddings=max_len)
+        return T.AutoModel.from_config(cfg)
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def model_name(args) -> str:
+    name = f"hf:{args.hf}" if args.hf else args.model
+    return f"{name} L={args.layers} d={args.d_model} heads={args.heads} vocab={args.vocab}"
+
+
+def example_ids(args) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+
+
+def build(args):
+    """(dense model, MoD model, ids, transform seconds)."""
+    log(f"building {model_name(args)} ({args.dtype}, {args.device})")
+    model = build_model(args)
+    ids = example_ids(args)
+    log(f"transforming (capacity {args.capacity}, every {args.every}) at B={args.batch} S={args.seq}")
+    t = time.perf_counter()
+    mod = modfx.transform(model, (ids,), capacity=args.capacity, every=args.every,
+                          predictor=not args.no_predictor).eval()
+    return model, mod, ids, time.perf_counter() - t
+
+
+# --- timing and memory -------------------------------------------------------------------------------
+
+def make_step(m, ids, backward: bool):
+    """One forward (no_grad) or one forward + backward of mean(first output)."""
+    if not backward:
+        def step():
+            with torch.no_grad():
+                m(ids)
+    else:
+        def step():
+            m(ids)[0].float().mean().backward()
+            m.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, device: str, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (the peak RSS) to the current RSS, on Linux; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_method(device: str) -> str:
+    if device == "cuda":
+        return "torch.cuda.max_memory_allocated above allocated before the step"
+    if _reset_peak_rss():
+        return "peak RSS (VmHWM, reset via /proc/self/clear_refs) above RSS before the step; large mallocs unpooled"
+    return "resource.getrusage ru_maxrss increase during the step (0 if it stayed under an earlier peak)"
+
+
+def peak_mb(step, device: str) -> float:
+    """Peak memory one step adds above what is held before it (MiB); see memory_method."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if _reset_peak_rss():
+        base = _rss_kb("VmRSS")
+        step()
+        return (_rss_kb("VmHWM") - base) / 1024
+    import resource
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def _unpool_large_mallocs() -> None:
+    """glibc: serve every allocation >= 128 KiB with mmap and give it back on free (no dynamic threshold),
+    so RSS follows what torch holds on CPU. Called after timing, before measuring memory."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def graph_breaks(m, ids, backward: bool) -> tuple[int, int]:
+    """(graphs, graph breaks) dynamo sees in one forward. torch._dynamo.explain resets dynamo, so call
+    this before compiling anything."""
+    with torch.set_grad_enabled(backward):
+        e = torch._dynamo.explain(m)(ids)
+    return e.graph_count, e.graph_break_count
+
+
+# --- bench -------------------------------------------------------------------------------------------
+
+def bench(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    model, mod, ids, transform_s = build(args)
+    for m in (model, mod):
+        m.train(args.backward)
+    kind = "fwd+bwd" if args.backward else "forward"
+    flop, k = {}, None
+    for name, m in (("dense", model), ("MoD", mod)):
+        log(f"counting FLOPs ({name})")
+        r = modfx.flops(m, (ids,))
+        flop[name], k = (r.train_at if args.backward else r.total_at), r.at.get("k", k)
+    breaks = {}
+    for name, m in (("dense", model), ("MoD", mod)):  # before compiling: explain resets dynamo
+        log(f"counting graph breaks ({name}, torch._dynamo.explain)")
+        breaks[name] = graph_breaks(m, ids, args.backward)
+
+    rows, steps = [], {}
+    for name, m in (("dense", model), ("MoD", mod)):
+        for compiled in (False, True):
+            variant = f"{name} {'compiled' if compiled else 'eager'}"
+            row = {"variant": variant, "model": name, "compiled": compiled, "flops": flop[name]}
+            rows.append(row)
+            if not compiled:
+                steps[variant] = make_step(m, ids, args.backward)
+                continue
+            log(f"{variant}: compiling with Inductor (fullgraph=True, caches {'on' if args.cache else 'off'})")
+            t = time.perf_counter()
+            try:
+                step = make_step(torch.compile(m, fullgraph=True), ids, args.backward)
+                with torch._inductor.config.patch(force_disable_caches=not args.cache), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+                    step()  # compiles (cold unless --cache: honest compile seconds)
+                sync(args.device)
+            except Exception as e:  # noqa: BLE001 - reported in the table, the other variants still run
+                log(f"{variant}: compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                continue
+            row["first_call_s"] = time.perf_counter() - t
+            row["graphs"], row["graph_breaks"] = breaks[name]
+            steps[variant] = step
+
+    log(f"{args.warmup} warmup + {args.repeat} timed {kind} steps per variant, round robin")
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {v: [] for v in steps}
+    for _ in range(args.repeat):  # interleaved, so load drift hits every variant alike
+        for v, step in steps.items():
+            times[v] += time_ms(step, args.device, 1)
+    log("measuring peak memory (one more step each)")
+    if args.device == "cpu":
+        _unpool_large_mallocs()
+    for r in rows:
+        if r["variant"] in steps:
+            r["times_ms"] = times[r["variant"]]
+            r["median_ms"] = statistics.median(r["times_ms"])
+            if r["compiled"]:
+                r["compile_s"] = max(r["first_call_s"] - r["median_ms"] / 1e3, 0.0)
+            r["peak_mb"] = peak_mb(steps[r["variant"]], args.device)
+
+    base = next((r["median_ms"] for r in rows if r["variant"] == "dense compiled" and "median_ms" in r), None)
+    for r in rows:
+        r["ideal_speedup"] = flop["dense"] / r["flops"]
+        if base and "median_ms" in r:
+            r["speedup"] = base / r["median_ms"]
+            r["fraction_of_ideal"] = r["speedup"] / r["ideal_speedup"]
+    p = modfx.plan(mod)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "modfx " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
+        "model": model_name(args), "timed": kind, "mode": "train" if args.backward else "eval + no_grad",
+        "k": None if k is None else int(k), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
+        "transform_s": transform_s, "memory": memory_method(args.device), "loadavg_1_5_15min_at_start": load_start,
+        "rows": rows, "versions": versions(args), "machine": machine(),
+    }
+
+
+def versions(args) -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__, "modfx": modfx.__version__}
+    if args.hf:
+        import transformers
+
+        v["transformers"] = transformers.__version__
+    return v
+
+
+def machine() -> dict:
+    m = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+         "torch_threads": torch.get_num_threads(), "loadavg_1_5_15min_at_end": os.getloadavg(),
+         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ}}
+    try:
+        with open("/proc/cpuinfo") as f:
+            m["cpu"] = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        m["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        m["gpu"] = torch.cuda.get_device_name()
+    return m
+
+
+def bench_table(res: dict) -> str:
+    rows = []
+    for r in res["rows"]:
+        if "error" in r:
+            rows.append((r["variant"], _num(r["flops"] / 1e9), f"{r['ideal_speedup']:.2f}x", "failed: " + r["error"][:60]))
+            continue
+        t = r["times_ms"]
+        rows.append((
+            r["variant"], _num(r["flops"] / 1e9), f"{r['ideal_speedup']:.2f}x", _num(r["median_ms"]),
+            f"{_num(min(t))}-{_num(max(t))}", _num(r["flops"] / r["median_ms"] / 1e6),
+            f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+            f"{r['fraction_of_ideal']:.2f}" if "fraction_of_ideal" in r else "-",
+            f"{r['compile_s']:.1f}" if "compile_s" in r else "-", f"{r['peak_mb']:.0f}",
+            r.get("graph_breaks", "-"),
+        ))
+    headers = ["variant", f"GFLOPs ({res['timed']})", "ideal speedup", "median ms", "min-max ms", "GFLOP/s",
+               "speedup vs dense compiled", "fraction of ideal", "compile s", "peak MiB", "graph breaks"]
+    c = res["config"]
+    head = (f"modfx bench: {res['model']}, B={c['batch']} S={c['seq']} {c['dtype']} {c['device']}, "
+            f"{res['timed']} ({res['mode']}), capacity {c['capacity']} (k={res['k']}), "
+            f"{len(res['routed_blocks'])}/{res['n_blocks']} blocks routed, transform {res['transform_s']:.1f} s")
+    foot = (f"median of {c['repeat']} (variants interleaved) after {c['warmup']} warmup, {res['machine']['torch_threads']} threads\n"
+            f"compile s = first call (Inductor caches {'on' if c['cache'] else 'off'}) minus one median step\n"
+            f"peak MiB = {res['memory']}\ngraph breaks from torch._dynamo.explain")
+    load = (f"\nload average (1 min) {res['loadavg_1_5_15min_at_start'][0]:.2f} at start, "
+            f"{res['machine']['loadavg_1_5_15min_at_end'][0]:.2f} at end on {res['machine']['cpu_count']} CPUs")
+    return f"{head}\n{tabulate(rows, headers=headers, disable_numparse=True)}\n{foot}{load}"
+
+
+def _num(x: float) -> str:
+    """Readable without exponents: 12345, 123.4, 1.234, 0.001234."""
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def cmd_bench(args) -> int:
+    res = bench(args)
+    print(bench_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        log(f"wrote {args.json}")
+    return 0
+
+
+# --- inspect, flops ----------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    _, mod, _, _ = build(args)
+    if args.routing != "topk":
+        modfx.set_routing(mod, args.routing)
+    mod.train(args.train)
+    print(modfx.plan(mod))
+    graph = mod.modfx_graphs[(args.routing, mod.training)]
+    print(f"\ngraph ({args.routing}, {'train' if mod.training else 'eval'}): {len(graph.nodes)} nodes")
+    try:
+        from modfx.snapshot import render
+    except ImportError:
+        render = None
+    print(render(graph) if render else _listing(graph))
+    return 0
+
+
+def _listing(graph) -> str:
+    """One line per node: name = target(args)  # shape (fallback when modfx.snapshot is missing)."""
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            return a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(map(arg, a)) + "]"
+        return repr(a)
+
+    lines = []
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        shape = f"  # {list(val.shape)}" if isinstance(val, torch.Tensor) else ""
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        lines.append(f"{n.name} = {n.op}:{target}({', '.join(map(arg, n.args))}){shape}")
+    return "\n".join(lines)
+
+
+def cmd_flops(args) -> int:
+    model, mod, ids, _ = build(args)
+    log("counting FLOPs")
+    dense, routed = modfx.flops(model, (ids,)), modfx.flops(mod, (ids,))
+    print(routed)
+    rows = [(name, _num(d / 1e9), _num(m / 1e9), f"{d / m:.2f}x")
+            for name, d, m in (("forward", dense.total_at, routed.total_at),
+                               ("forward + backward", dense.train_at, routed.train_at))]
+    print(f"\ndense vs MoD at B={args.batch} S={args.seq}")
+    print(tabulate(rows, headers=["", "dense GFLOPs", "MoD GFLOPs", "ideal speedup"], disable_numparse=True))
+    return 0
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    model = argparse.ArgumentParser(add_help=False)
+    g = model.add_argument_group("model")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", choices=("gpt", "llama", "encoder", "moe"), default="llama", help="reference model")
+    src.add_argument("--hf", choices=HF_MODELS, help="small Hugging Face model, random weights (needs transformers)")
+    g.add_argument("--layers", type=int, default=8)
+    g.add_argument("--d-model", type=int, default=256)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--vocab", type=int, default=256)
+    g.add_argument("--batch", type=int, default=2)
+    g.add_argument("--seq", type=int, default=512)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--seed", type=int, default=0)
+    t = model.add_argument_group("transform")
+    t.add_argument("--capacity", type=float, default=0.125)
+    t.add_argument("--every", type=int, default=2)
+    t.add_argument("--no-predictor", action="store_true", help="transform without the causal predictor branch")
+
+    ap = argparse.ArgumentParser(prog="modfx", description="Mixture-of-Depths as a compiler transformation")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", parents=[model], help="compile dense and MoD with Inductor and time them")
+    b.add_argument("--backward", action="store_true", help="time forward + backward (train mode)")
+    b.add_argument("--repeat", type=int, default=5, help="timed steps per variant (the median is reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling")
+    b.add_argument("--cache", action="store_true", help="let Inductor use its compile caches (compile s may be cache hits)")
+    b.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    b.add_argument("--json", metavar="PATH", help="also write the numbers, versions and machine as JSON")
+    b.set_defaults(func=cmd_bench)
+    i = sub.add_parser("inspect", parents=[model], help="print the plan and the transformed graph")
+    i.add_argument("--routing", choices=("topk", "predictor"), default="topk")
+    i.add_argument("--train", action="store_true", help="show the training-mode graph")
+    i.set_defaults(func=cmd_inspect)
+    f = sub.add_parser("flops", parents=[model], help="FLOP report of the MoD model, and the ideal speedup")
+    f.set_defaults(func=cmd_flops)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("modfx: --device cuda but torch.cuda.is_available() is False")
+    if args.hf:
+        args.model = None
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The `modfx` command line, in-process on tiny models: bench (table + --json), inspect, flops."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from modfx import cli
+
+TINY = ["--layers", "2", "--d-model", "32", "--heads", "4", "--seq", "32", "--batch", "2"]
+VARIANTS = ["dense eager", "dense compiled", "MoD eager", "MoD compiled"]
+
+
+def test_bench_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *TINY, "--repeat", "1", "--warmup", "0", "--cache", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    for col in ["variant", "GFLOPs (forward)", "ideal speedup", "median ms", "min-max ms",
+                "speedup vs dense compiled", "fraction of ideal", "compile s", "peak MiB", "graph breaks"]:
+        assert col in out
+    lines = out.splitlines()
+    for v in VARIANTS:
+        assert sum(line.startswith(v + " ") for line in lines) == 1, v
+    assert "compiling" in captured.err  # progress goes to stderr
+
+    res = json.loads(path.read_text())
+    assert set(res["versions"]) >= {"python", "torch", "modfx"}
+    assert set(res["machine"]) >= {"platform", "cpu_count"}
+    assert res["k"] == 4 and res["routed_blocks"] == ["layers.1"] and res["n_blocks"] == 2
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == VARIANTS
+    for r in rows.values():
+        assert "error" not in r and len(r["times_ms"]) == 1 and r["median_ms"] > 0 and r["peak_mb"] >= 0
+    assert rows["dense compiled"]["speedup"] == 1.0
+    assert rows["MoD compiled"]["graph_breaks"] == 0 and rows["dense compiled"]["graph_breaks"] == 0
+    assert rows["MoD compiled"]["compile_s"] >= 0
+    assert rows["MoD eager"]["flops"] == rows["MoD compiled"]["flops"] < rows["dense eager"]["flops"]
+    ideal = rows["dense eager"]["flops"] / rows["MoD compiled"]["flops"]
+    assert rows["MoD compiled"]["ideal_speedup"] == pytest.approx(ideal)
+    mc = rows["MoD compiled"]
+    assert mc["fraction_of_ideal"] == pytest.approx(mc["speedup"] / mc["ideal_speedup"])
+
+
+def test_inspect(capsys):
+    assert cli.main(["inspect", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "modfx plan: 1/2 blocks routed" in out
+    assert "layers.1" in out and "graph (topk, eval)" in out
+    assert "router" in out and "mod_router" in out  # the inserted router shows in the graph
+    assert out.rstrip().splitlines()[-1].startswith("return")
+
+
+def test_flops_hf(capsys):
+    pytest.importorskip("transformers")
+    assert cli.main(["flops", "--hf", "gpt2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "modfx flops" in out and "routing overhead" in out
+    assert "dense GFLOPs" in out and "MoD GFLOPs" in out and "ideal speedup" in out
+    fwd = [line for line in out.splitlines() if line.startswith("forward ")][-1]  # the dense vs MoD table
+    assert float(fwd.split()[-1].rstrip("x")) > 1.0
+
+
+def test_python_m_modfx():
+    r = subprocess.run([sys.executable, "-m", "modfx", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("bench", "inspect", "flops"))
