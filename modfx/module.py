@@ -8,6 +8,9 @@ for the current mode with `self` as the owner of every weight, and rebuilds the 
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 from torch import nn
 from torch.fx import CodeGen, Graph, GraphModule
@@ -16,6 +19,7 @@ from torch.utils import _pytree as pytree
 from .errors import ModfxError
 
 ROUTING_MODES = ("topk", "predictor")
+_instances = itertools.count()
 
 
 def program(owner: nn.Module, graph: Graph):
@@ -26,6 +30,14 @@ def program(owner: nn.Module, graph: Graph):
 
 
 class MoDModule(nn.Module):
+    def __new__(cls, *args, **kwargs):
+        # Each transformed module gets a forward with a code object of its own: dynamo keeps compiled
+        # code per code object, and all instances sharing one would hit its recompile limit after 8.
+        fwd = MoDModule.forward
+        code = fwd.__code__.replace(co_name=f"forward_{next(_instances)}")
+        own = types.FunctionType(code, fwd.__globals__, fwd.__name__, fwd.__defaults__, fwd.__closure__)
+        return super().__new__(type(cls.__name__, (cls,), {"forward": own, "__module__": cls.__module__}))
+
     def __init__(self, owner_of: GraphModule):
         super().__init__()
         for name, child in owner_of.named_children():

@@ -52,11 +52,13 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    block = Block  # the MoE model swaps in its own
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.layers = nn.ModuleList([self.block(config) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_base)

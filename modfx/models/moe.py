@@ -7,40 +7,26 @@ data-dependent shapes, so it exports and compiles with a dynamic sequence length
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import ModelOutput, RMSNorm, RopeAttention, SwiGLU, init_weights, rope_at, rope_tables, swiglu_hidden
+from . import llama
+from .common import SwiGLU
 
 
 @dataclass
-class MoEConfig:
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None = n_heads; fewer = grouped-query attention
-    vocab_size: int = 256
-    max_seq_len: int = 2048
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    ffn_hidden: Optional[int] = None  # per expert; None = swiglu_hidden(d_model)
+class MoEConfig(llama.LlamaConfig):
+    """LlamaConfig plus the experts; ffn_hidden is per expert."""
+
     n_experts: int = 4
     top_k_experts: int = 2
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_hidden is None:
-            self.ffn_hidden = swiglu_hidden(self.d_model)
+        super().__post_init__()
         assert 1 <= self.top_k_experts <= self.n_experts
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 class MoEMLP(nn.Module):
@@ -59,37 +45,13 @@ class MoEMLP(nn.Module):
         return (ys * w.unsqueeze(-2)).sum(dim=-1)  # [B, S, D]
 
 
-class Block(nn.Module):
+class Block(llama.Block):
+    """llama's block with the MLP replaced by the mixture of experts."""
+
     def __init__(self, config: MoEConfig):
-        super().__init__()
-        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = RopeAttention(config.d_model, config.n_heads, config.n_kv_heads)
-        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        super().__init__(config)
         self.mlp = MoEMLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # [B, S, D], [1, S, hd] x2 -> [B, S, D]
-        x = x + self.attn(self.norm1(x), cos, sin)
-        x = x + self.mlp(self.norm2(x))
-        return x
 
-
-class MoE(nn.Module):
-    def __init__(self, config: MoEConfig):
-        super().__init__()
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_base)
-        self.register_buffer("cos", cos, persistent=False)  # [L, hd]
-        self.register_buffer("sin", sin, persistent=False)  # [L, hd]
-        self.apply(init_weights)
-
-    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> ModelOutput:
-        """idx: [B, S] int64; input_pos: optional absolute positions [S] or [B, S] (default arange(S))."""
-        x = self.tok_emb(idx)  # [B, S, D]
-        cos, sin = rope_at(self.cos, self.sin, idx.shape[1], input_pos)  # [1 or B, S, hd]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return ModelOutput(logits=self.head(self.norm(x)))  # [B, S, V]
+class MoE(llama.Llama):
+    block = Block

@@ -253,7 +253,7 @@ def _side_input(node: Node, s_expr, b_expr, path, region: set[Node], x: Node) ->
     )
 
 
-# Ops that only re-lay out or convert a value: size-1 axes added (or expanded), dtype changed.
+# Ops that only re-lay out or convert a value (with `_same_up_to_unit_axes`: size-1 axes in or out).
 _LAYOUT_OPS = _IDENTITY_OPS | {
     aten.unsqueeze.default,
     aten.view.default,

@@ -44,7 +44,7 @@ from ..errors import ModfxError
 from .discover import Block
 from .graph_utils import aten, call, fake_mode_of, run_fake
 from .predictor import _ATTENTION, predictor_logits
-from .route_topk import _weighted, size
+from .route_topk import _weighted, contribution, size
 from .router import insert_router
 
 _DUMMY_LEN = 4  # cache length of the fake values used while rewriting; the code works for any length
@@ -170,12 +170,7 @@ def _skip_unselected(graph: Graph, root: nn.Module, b: Block, config, name: str)
     y = b.out
     outside = [u for u in y.users]
     with graph.inserting_before(y.next):
-        if b.residual_terms is not None:
-            f = b.residual_terms[0]
-            for t in b.residual_terms[1:]:
-                f = call(graph, aten.add.Tensor, (f, t), stack=st)
-        else:
-            f = call(graph, aten.sub.Tensor, (y, x), stack=st)
+        f = contribution(graph, b, x)
     region = _range(b.first, f)
     kv = []
     for a in [n for n in region if n.target is _ATTENTION]:

@@ -35,7 +35,7 @@ from torch.fx import Graph, Node
 from ..errors import ModfxError
 from .discover import Block
 from .graph_utils import aten, call, fake_mode_of, get_attr, propagate
-from .route_topk import Routed, _weighted, size
+from .route_topk import Routed, _weighted, contribution, size
 from .router import get_or_add_module
 
 N_STATS = 5  # aux loss, accuracy, precision, recall, fraction predicted "selected"
@@ -150,12 +150,7 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
     y = block.out
     outside = [u for u in y.users if u not in region]
     with graph.inserting_before(y.next):
-        if block.residual_terms is not None:
-            f = block.residual_terms[0]
-            for t in block.residual_terms[1:]:
-                f = call(graph, aten.add.Tensor, (f, t), stack=st)
-        else:
-            f = call(graph, aten.sub.Tensor, (y, x), stack=st)
+        f = contribution(graph, block, x)
         upd = call(graph, aten.add.Tensor, (x, _weighted(graph, f, r, weighting, st)), stack=st)
         m = call(graph, aten.unsqueeze.default, (sel, -1), stack=st)
         if block.batch_axis == 1:
@@ -196,7 +191,7 @@ def _restrict_attention(graph: Graph, a: Node, keep: Node, st) -> None:
             allowed = call(graph, aten.logical_and.default, (allowed, mask), stack=st)
         elif mask is not None:
             neg = torch.finfo(mask.meta["val"].dtype).min
-            bias = call(graph, aten.where.ScalarOther, (allowed, 0.0, neg), stack=st)
+            bias = call(graph, aten.where.Scalar, (allowed, 0.0, neg), stack=st)
             allowed = call(graph, aten.add.Tensor, (mask, call(graph, aten._to_copy.default, (bias,), {"dtype": mask.meta["val"].dtype}, stack=st)), stack=st)
     a.args = (*args[:3], allowed, dropout_p, False)
     a.kwargs = {k: v for k, v in a.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}

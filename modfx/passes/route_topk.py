@@ -16,7 +16,9 @@
 
 The merge is a plain scatter of unique indices (deterministic, no atomics); the residual is added once.
 Symbolic sizes the region read from the full sequence (S in view/reshape arguments) are re-derived with
-S -> k. The ordering sort is stable, so ties in the router score go to the earlier token.
+S -> k; when S is static (e.g. a patch count), literal S in the region's size arguments becomes k, after
+a check that S is no other size in the block (`_static_token_count`). The ordering sort is stable, so
+ties in the router score go to the earlier token.
 
 Contract: requires a discovered `Block` and its router node; ensures the block region runs on k tokens
 and returns `Routed` (the indices, k, gathered router scores) for the predictor pass.
@@ -26,14 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from fractions import Fraction
 
 import sympy
 import torch
 from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
 
+from ..errors import ModfxError
 from .discover import Block, SideInput
-from .graph_utils import aten, call, emit_sym_expr, fake_mode_of, propagate, symint_node
+from .graph_utils import aten, call, emit_sym_expr, expr, fake_mode_of, propagate, symint_node
 
 
 @dataclasses.dataclass
@@ -118,6 +124,8 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
     x = block.x
     with graph.inserting_before(block.first):
         S, k, logits, idx = select_topk(graph, block, r, capacity)
+        if not isinstance(S, Node) and k != S:
+            _static_token_count(block, S, k)
         B = size(graph, x, block.batch_axis, st)
         xg = gather_tokens(graph, x, idx, (block.seq_axis,), block.batch_axis, st)  # [B, k, D]
         replace = {x: xg}
@@ -131,18 +139,20 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
     for n in block.nodes:
         n.args = _substitute(n.args, replace)
         n.kwargs = _substitute(n.kwargs, replace)
-    propagate(block.nodes, fake_mode)
+    for n in block.nodes:
+        try:
+            propagate([n], fake_mode)
+        except Exception as e:  # noqa: BLE001 - re-raised with the block and node named
+            raise ModfxError(
+                f"block {block.name}: node {n.name} ({n.target}) cannot run on the k routed tokens: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Its shapes depend on the "
+                "token count in a way modfx cannot rewrite."
+            ) from e
 
     yg = block.out
     outside_users = [u for u in yg.users if u not in region]
     with graph.inserting_before(yg.next):
-        if block.residual_terms is not None:
-            terms = block.residual_terms
-            f = terms[0]
-            for t in terms[1:]:
-                f = call(graph, aten.add.Tensor, (f, t), stack=st)
-        else:
-            f = call(graph, aten.sub.Tensor, (yg, xg), stack=st)  # post-norm block: f = block(x) - x
+        f = contribution(graph, block, xg)
         r_index = token_index(graph, idx, r, block.seq_axis, block.batch_axis, st)
         rg = call(graph, aten.gather.default, (r, block.seq_axis, r_index), stack=st, tag="gather")  # [B, k, 1]
         upd = call(graph, aten.add.Tensor, (xg, _weighted(graph, f, rg, weighting, st)), stack=st)  # [B, k, D]
@@ -151,6 +161,18 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
     for user in outside_users:
         user.replace_input_with(yg, merged)
     return Routed(idx, k, logits, merged)
+
+
+def contribution(graph: Graph, block: Block, x: Node) -> Node:
+    """f, the block's contribution to the residual stream, inserted at the insertion point: the sum of
+    the terms of the graph's residual add chain when it shows one (no cancellation), else out - x."""
+    st = block.stack
+    if block.residual_terms is None:
+        return call(graph, aten.sub.Tensor, (block.out, x), stack=st)  # e.g. a post-norm block
+    f = block.residual_terms[0]
+    for t in block.residual_terms[1:]:
+        f = call(graph, aten.add.Tensor, (f, t), stack=st)
+    return f
 
 
 def _weighted(graph: Graph, f: Node, rg: Node, weighting: str, st) -> Node:
@@ -187,6 +209,132 @@ def _sym_on_k(graph: Graph, sym: Node, block: Block, k) -> Node | int:
 
 
 def _substitute(arg, replace: dict):
-    from torch.fx.node import map_arg
-
     return map_arg(arg, lambda n: replace.get(n, n))
+
+
+# Arguments typed `SymInt[]` in an op's schema: sizes (view, reshape, expand, full, new_zeros, ...).
+_SIZE_LIST = re.compile(r"SymInt\[\d*\]\??\s+(\w+)")
+
+
+def _with_token_count(n: Node, S: int, t: int) -> tuple[tuple, dict]:
+    """n's args and kwargs with every literal S in a size-list argument replaced by t."""
+    schema = getattr(n.target, "_schema", None)
+    args, kwargs = list(n.args), dict(n.kwargs)
+    if schema is None:
+        return tuple(args), kwargs
+    names = set(_SIZE_LIST.findall(str(schema)))
+    for i, a in enumerate(schema.arguments):
+        if a.name not in names:
+            continue
+        if i < len(args):
+            holder, key = args, i
+        elif a.name in kwargs:
+            holder, key = kwargs, a.name
+        else:
+            continue
+        v = holder[key]
+        if isinstance(v, (list, tuple)):
+            holder[key] = type(v)(t if type(e) is int and e == S else e for e in v)
+    return tuple(args), kwargs
+
+
+def _static_token_count(block: Block, S: int, k: int) -> None:
+    """Rule for a static token count S (not an input dimension, e.g. a ViT patch count): export bakes S
+    into the block's size arguments as a literal (view(q, [B, 17, H, hd])), so every literal S in a
+    `SymInt[]` argument of a region node becomes k. That is right only where S is never another size
+    of the block, which is checked first: the rewritten region runs on fake inputs at two probe token
+    counts (primes above every size in the graph); every size of every value must then either follow
+    the token count (c * t**m) or not change, no unchanged size may equal S (a collision, or a
+    fixed-length computation over the tokens such as arange(S)), and the block must map [B, t, D] to
+    [B, t, D]. Otherwise a ModfxError names the node."""
+    region = set(block.nodes)
+    external = list(dict.fromkeys(a for n in block.nodes for a in n.all_input_nodes if a not in region))
+    ints = {S, k}
+    for n in [*external, *block.nodes]:
+        for leaf in pytree.tree_leaves(n.meta.get("val")):
+            if isinstance(leaf, torch.Tensor):
+                ints.update(int(d) for d in leaf.shape if not isinstance(d, torch.SymInt))
+    symbols = set()
+    for n in external:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            for d in v.shape:
+                symbols |= sympy.sympify(expr(d)).free_symbols
+        elif isinstance(v, torch.SymInt):
+            symbols |= v.node.expr.free_symbols
+    primes = _primes_above(4 * max(ints) + 100, 2 + len(symbols))
+    p1, p2, sizes = primes[0], primes[1], dict(zip(sorted(symbols, key=str), primes[2:]))
+    env1 = _probe(block, external, S, p1, sizes)
+    env2 = _probe(block, external, S, p2, sizes)
+    for n in [*external, *block.nodes]:
+        for d1, d2, where in _sizes_of(env1[n], env2[n]):
+            if d1 == d2 and d1 == S:
+                raise ModfxError(
+                    f"block {block.name}: node {n.name} has {where} of size {S}, the static sequence length, that "
+                    "does not follow the token count; S collides with another size of the block (or the block "
+                    "computes a fixed-length value over the tokens, e.g. arange(S)), so modfx cannot tell which "
+                    f"sizes to shrink to k. Use a sequence length ({S} now) that differs from every other dimension, "
+                    "or capture with a dynamic sequence length."
+                )
+            if d1 != d2 and not any(d1 * p2**m == d2 * p1**m for m in (1, 2)):
+                raise ModfxError(
+                    f"block {block.name}: node {n.name} has {where} whose size does not scale with the token count "
+                    f"({d1} and {d2} at {p1} and {p2} tokens), so the block cannot run on k of the {S} tokens."
+                )
+    want = list(env1[block.x].shape)
+    if list(env1[block.out].shape) != want:
+        raise ModfxError(
+            f"block {block.name}: on {p1} tokens its output {block.out.name} has shape {list(env1[block.out].shape)}, "
+            f"not {want}: with the sequence length static ({S}), its sizes cannot be rewritten for k tokens."
+        )
+    for n in block.nodes:
+        n.args, n.kwargs = _with_token_count(n, S, k)
+
+
+def _probe(block: Block, external: list[Node], S: int, t: int, sizes: dict) -> dict:
+    """Run the region (literal S -> t) on fake tensors with t tokens; symbols fixed to `sizes`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seq = {block.x: (block.seq_axis,), **{s.node: s.seq_axes for s in block.side_inputs}}
+    env = {}
+    with FakeTensorMode():
+        for a in external:
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                shape = [t if i in seq.get(a, ()) else int(expr(d).subs(sizes)) for i, d in enumerate(v.shape)]
+                env[a] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            elif isinstance(v, torch.SymInt):
+                env[a] = int(v.node.expr.subs(sizes))
+            else:
+                env[a] = v
+        for n in block.nodes:
+            args, kwargs = _with_token_count(n, S, t)
+            args, kwargs = map_arg((args, kwargs), env.__getitem__)
+            try:
+                env[n] = n.target(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised with the block and node named
+                raise ModfxError(
+                    f"block {block.name}: node {n.name} ({n.target}) fails when the block runs on another number "
+                    f"of tokens than the static sequence length {S}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                ) from e
+    return env
+
+
+def _sizes_of(v1, v2):
+    """(size at probe 1, size at probe 2, description) for every tensor axis and int in two values."""
+    for a, b in zip(pytree.tree_leaves(v1), pytree.tree_leaves(v2)):
+        if isinstance(a, torch.Tensor):
+            for ax, (d1, d2) in enumerate(zip(a.shape, b.shape)):
+                yield int(d1), int(d2), f"axis {ax} (shape {list(a.shape)})"
+        elif type(a) is int:
+            yield a, b, "an integer value"
+
+
+def _primes_above(n: int, count: int) -> list[int]:
+    out = []
+    while len(out) < count:
+        n += 1
+        if all(n % d for d in range(2, int(n**0.5) + 1)):
+            out.append(n)
+    return out

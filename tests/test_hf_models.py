@@ -1,0 +1,304 @@
+"""Real models: Hugging Face Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, BERT and ViT, and
+torch.nn.TransformerEncoder, from tiny configs with random weights (nothing is downloaded).
+
+For each: the default transform runs and keeps the output type; capacity 1.0 with weighting "none"
+reproduces the model; the routed block equals an eager reference (the layer module called on the
+gathered tokens of each sequence, its side inputs gathered the same way); torch.compile(fullgraph=True)
+matches eager; routers get gradients; `modfx.plan` names the blocks and the gathered side inputs.
+Unsupported cases must fail with a ModfxError that names the block and the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import modfx
+
+transformers = pytest.importorskip("transformers")
+
+B, S, V = 2, 12, 128  # S differs from every other size of the tiny configs (head dims 16 / 4 / 8)
+TEXT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64)
+ROPE_MASK = [(1,), (1,), (2, 3)]  # cos, sin [1, S, hd] along the tokens; the mask [B, 1, S, S] along both
+
+
+def ids_of(batch=B, seq=S):
+    return {"input_ids": torch.randint(0, V, (batch, seq))}
+
+
+def padded(batch=B, seq=S):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, : seq // 3] = 0  # left padding
+    mask[-1, -2:] = 0  # right padding
+    return {**ids_of(batch, seq), "attention_mask": mask}
+
+
+def pixels(batch=B, seq=None):
+    return {"pixel_values": torch.randn(batch, 3, 16, 16)}  # 16 patches of 4x4 + CLS: S = 17, static
+
+
+def hidden(batch=B, seq=S):
+    return {"x": torch.randn(batch, seq, 32)}
+
+
+def hf(cls_name, config_name, attn="sdpa", **kw):
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = getattr(transformers, config_name)(**kw, attn_implementation=attn)
+            return getattr(transformers, cls_name)(config)
+    return build
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder (batch_first); mask: None, "causal" ([S, S] float mask with is_causal=True,
+    which attention turns into is_causal) or "mask" (the same mask with is_causal=False: a batch-less
+    [S, S] side input)."""
+
+    def __init__(self, norm_first: bool, mask: str | None):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.mask = mask
+
+    def forward(self, x):
+        if self.mask is None:
+            return self.enc(x)
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.enc(x, mask=causal, is_causal=self.mask == "causal")
+
+
+@dataclasses.dataclass
+class Case:
+    build: Callable[[], nn.Module]
+    inputs: Callable[..., dict]
+    out: str | None  # the output attribute holding [B, S, ...] (None: the output is the tensor)
+    side: list  # token axes of the routed block's gathered side inputs, sorted
+    positional: bool = False  # transform(model, (ids,)) instead of example_kwargs=
+    compile: bool = True  # with Inductor (else the aot_eager backend: full-graph capture, no codegen)
+    blocks: tuple[str, ...] = ()
+
+
+CASES = {
+    "llama": Case(hf("LlamaForCausalLM", "LlamaConfig", **TEXT, num_key_value_heads=2, use_cache=False),
+                  ids_of, "logits", ROPE_MASK, positional=True, blocks=("model.layers.0", "model.layers.1")),
+    "llama-eager": Case(hf("LlamaForCausalLM", "LlamaConfig", "eager", **TEXT, num_key_value_heads=2, use_cache=False),
+                        ids_of, "logits", ROPE_MASK, compile=False),
+    "llama-padded": Case(hf("LlamaForCausalLM", "LlamaConfig", **TEXT, num_key_value_heads=2, use_cache=False),
+                         padded, "logits", ROPE_MASK, compile=False),
+    "mistral": Case(hf("MistralForCausalLM", "MistralConfig", **TEXT, num_key_value_heads=2, use_cache=False),
+                    ids_of, "logits", ROPE_MASK, positional=True, compile=False),
+    "qwen2": Case(hf("Qwen2ForCausalLM", "Qwen2Config", **TEXT, num_key_value_heads=2, use_cache=False),
+                  ids_of, "logits", ROPE_MASK, compile=False),
+    "gpt2": Case(hf("GPT2LMHeadModel", "GPT2Config", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                    use_cache=False, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+                 ids_of, "logits", [(2, 3)], positional=True, compile=False, blocks=("transformer.h.0", "transformer.h.1")),
+    "neox": Case(hf("GPTNeoXForCausalLM", "GPTNeoXConfig", **TEXT, use_cache=False),
+                 ids_of, "logits", ROPE_MASK, compile=False),
+    "bert": Case(hf("BertModel", "BertConfig", **TEXT), padded, "last_hidden_state", [(2, 3)],  # dropout 0.1:
+                 blocks=("encoder.layer.0", "encoder.layer.1")),  # train and eval captures differ
+    "bert-eager": Case(hf("BertModel", "BertConfig", "eager", **TEXT, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0), ids_of, "last_hidden_state", [(2, 3)], compile=False),
+    "vit": Case(hf("ViTModel", "ViTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=128, image_size=16, patch_size=4, num_channels=3),
+                pixels, "last_hidden_state", [(2, 3)], blocks=("layers.0", "layers.1")),
+    "tenc-pre": Case(lambda: Encoder(True, None), hidden, None, [], positional=True, compile=False),
+    "tenc-pre-causal": Case(lambda: Encoder(True, "causal"), hidden, None, [], positional=True, compile=False),
+    "tenc-post-mask": Case(lambda: Encoder(False, "mask"), hidden, None, [(2, 3)], positional=True,
+                           blocks=("enc.layers.0", "enc.layers.1")),
+}
+
+
+def run(case: Case, model, inputs: dict):
+    """Call like the capture: positionally for the cases transformed with positional inputs."""
+    return model(*inputs.values()) if case.positional else model(**inputs)
+
+
+def transform(case: Case, model, inputs: dict, **overrides):
+    if case.positional:
+        return modfx.transform(model, tuple(inputs.values()), **overrides)
+    return modfx.transform(model, example_kwargs=inputs, **overrides)
+
+
+def main_output(case: Case, out):
+    return out if case.out is None else getattr(out, case.out)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def built(request):
+    case = CASES[request.param]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    inputs = case.inputs()
+    mod = transform(case, model, inputs)  # default settings
+    return request.param, case, model, inputs, mod
+
+
+def test_default_transform_keeps_the_output_structure(built):
+    _, case, model, inputs, mod = built
+    got, want = run(case, mod, inputs), run(case, model, inputs)
+    assert type(got) is type(want)
+    if case.out is not None:
+        assert list(got.keys()) == list(want.keys())
+    assert main_output(case, got).shape == main_output(case, want).shape
+    assert torch.isfinite(main_output(case, got)).all()
+
+
+def test_other_batch_and_sequence_lengths(built):
+    name, case, model, inputs, mod = built
+    other = case.inputs(batch=3, seq=S + 5)
+    assert main_output(case, run(case, mod, other)).shape == main_output(case, run(case, model, other)).shape
+
+
+def test_capacity_one_without_weighting_reproduces_the_model(built):
+    name, case, model, inputs, _ = built
+    dense = transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    assert len(modfx.plan(dense).routed) == len(modfx.plan(dense).blocks)
+    torch.testing.assert_close(main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs)),
+                               rtol=1e-5, atol=2e-5)
+
+
+def test_routed_block_equals_the_eager_reference(built):
+    name, case, model, inputs, mod = built
+    p = modfx.plan(mod)
+    with torch.no_grad():
+        want = main_output(case, reference(model, inputs, mod, [b.name for b in p.routed], p.config.capacity))
+        got = main_output(case, run(case, mod, inputs))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_fullgraph_compile_matches_eager(built):
+    name, case, model, inputs, mod = built
+    # Inductor on a representative subset (its code generation costs ~10 s a model on 2 cores). Every
+    # MoDModule shares MoDModule.forward's code object, so dynamo's per-code recompile limit (8) would
+    # count the earlier cases' compilations: start afresh.
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, backend="inductor" if case.compile else "aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(case, run(case, compiled, inputs)), main_output(case, run(case, mod, inputs)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_routers_get_gradients(built):
+    name, case, model, inputs, mod = built
+    main_output(case, run(case, mod, inputs)).float().pow(2).mean().backward()
+    routed = [b.name for b in modfx.plan(mod).routed]
+    grads = {n: p.grad for n, p in mod.named_parameters() if n.endswith("mod_router.weight")}
+    assert sorted(grads) == sorted(f"{b}.mod_router.weight" for b in routed)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    mod.zero_grad(set_to_none=True)
+
+
+def test_plan_reports_blocks_and_gathered_side_inputs(built):
+    name, case, model, inputs, mod = built
+    p = modfx.plan(mod)
+    assert len(p.blocks) == 2
+    if case.blocks:
+        assert tuple(b.name for b in p.blocks) == case.blocks
+    assert [b.routed for b in p.blocks] == [False, True]
+    side = p.routed[0].side_inputs
+    assert sorted(s.seq_axes for s in side) == case.side
+    for s in side:
+        if s.seq_axes == (1,):  # RoPE tables: [1, S, hd], broadcast over the batch
+            assert len(s.shape) == 3 and s.shape[0] == "1" and s.broadcast_batch
+        else:  # masks: [B or 1, 1, S, S]
+            assert len(s.shape) == 4 and s.shape[1] == "1"
+    assert p.routed[0].name in str(p)
+
+
+def reference(model, inputs: dict, mod, routed: list[str], capacity: float):
+    """The model with each routed layer replaced by eager Mixture-of-Depths: per sequence, the top-k
+    tokens by router score (kept in order) run through the layer module itself, with every tensor
+    argument sliced to that sequence and gathered along its token axes (sizes equal to S); the
+    result x + r * (layer(x) - x) is scattered back (weighting "raw")."""
+    saved = {}
+    for name in routed:
+        layer = model.get_submodule(name)
+        w = mod.get_submodule(f"{name}.mod_router").weight
+        saved[name] = layer.forward
+        layer.forward = _routed_forward(layer.forward, w, capacity)
+    try:
+        return model(**inputs)
+    finally:
+        for name, fwd in saved.items():
+            del model.get_submodule(name).forward
+            assert model.get_submodule(name).forward == fwd
+
+
+def _routed_forward(forward, w, capacity):
+    def routed(*args, **kwargs):
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        nb, ns, d = x.shape
+        r = x @ w.T  # [B, S, 1]
+        k = max(1, math.ceil(capacity * ns - 1e-9))
+        idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        y = x.clone()
+        for b in range(nb):
+            def pick(t):
+                if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                    return t
+                if t.shape[0] == nb and t.dim() > 1:
+                    t = t[b : b + 1]
+                for ax in range(t.dim()):
+                    if t.shape[ax] == ns:
+                        t = t.index_select(ax, idx[b])
+                return t
+
+            a, kw = pytree.tree_map(pick, (args, kwargs))
+            out = forward(*a, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            xg = x[b, idx[b]]
+            y[b, idx[b]] = xg + r[b, idx[b]] * (out[0] - xg)
+        return y
+
+    return routed
+
+
+# Failures: what modfx cannot support must be refused with a ModfxError naming the block and node.
+
+
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention with need_weights=True folds heads into the batch ([B*H, S, S] scores),
+    so a batch-less [S, S] mask broadcasts against B*H, not against the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, mask):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, attn_mask=mask, need_weights=True)[0]
+
+
+class MHAModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([MHABlock(), MHABlock()])
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_batchless_mask_folded_into_heads_is_refused():
+    with pytest.raises(modfx.ModfxError, match=r"block layers\.\d: side input \w+ of shape \(s\d+, s\d+\).*no leading batch axis.*baddbmm"):
+        modfx.transform(MHAModel().eval(), (torch.randn(B, S, 32),))
+
+
+def test_static_sequence_length_colliding_with_another_size_is_refused():
+    # ViT at S = 17 (16 patches + CLS) with head_dim 17: view(q, [B, 17, -1, 17]) is ambiguous.
+    model = hf("ViTModel", "ViTConfig", hidden_size=68, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, image_size=16, patch_size=4, num_channels=3)().eval()
+    with pytest.raises(modfx.ModfxError, match=r"block layers\.1: node \w+ .*17"):
+        modfx.transform(model, example_kwargs=pixels())
