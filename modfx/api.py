@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import dataclasses
 import warnings
 from typing import Any
@@ -55,6 +56,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     args, kwargs = _long_enough(args, kwargs, config)
     cap = capture(model, args, kwargs)
     mod = MoDModule(next(iter(cap.modules.values())))
+    type(mod).forward.__signature__ = _signature(model)
     mod.train(model.training)
     mod._in_spec, mod._out_spec = cap.in_spec, cap.out_spec
     mod._n_outputs = cap.out_spec.num_leaves
@@ -148,6 +150,14 @@ def trainable_routing_parameters(mod: nn.Module) -> list[nn.Parameter]:
     for p in mod.parameters():
         p.requires_grad_(id(p) in keep)
     return routing
+
+
+def _signature(model: nn.Module) -> inspect.Signature:
+    """The transformed module's advertised signature: the model's own named parameters (tools such as the
+    HF Trainer read it to pick inputs), without *args/**kwargs, since the capture fixed the inputs."""
+    named = [p for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
 
 
 def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):
