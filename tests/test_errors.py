@@ -35,11 +35,14 @@ def ids(b=2, s=16):
 )
 def test_bad_config_is_refused_and_model_unchanged(overrides, message):
     model = small()
+    model.register_forward_hook(lambda *a: None)
     state = copy.deepcopy(model.state_dict())
+    hooks = dict(model._forward_hooks)
     with pytest.raises(modfx.ModfxError, match=message):
         modfx.transform(model, (ids(),), **overrides)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model.training
+    assert dict(model._forward_hooks) == hooks
 
 
 def test_model_without_residual_blocks_says_what_modfx_looks_for():
