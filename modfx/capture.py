@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
 
 import sympy
 import torch

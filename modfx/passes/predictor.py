@@ -26,7 +26,6 @@ Contract: requires a routed block and its router node; the predictor MLP is regi
 
 from __future__ import annotations
 
-import operator
 
 import torch
 from torch import nn
