@@ -13,6 +13,12 @@ Differences against dense1 give one block's cost: full, routed at k, and routing
 sort, gather, scatter, with and without the predictor MLP). The ideal routed block is the full block's
 time scaled by the FLOP ratio (block at k without routing ops / full block), from modfx.flops.
 Times are medians over interleaved rounds.
+
+--ops adds a per-op breakdown: each routing op of one block, compiled on its own
+(`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat):
+router linear over S, stable sort + slice + index sort, gathers of x / RoPE cos, sin / r, scatter of x,
+predictor MLP (+ its target scatter and BCE). In the real graph Inductor may fuse some of these, so the
+sum is an estimate, not a measurement of the routed block.
 """
 
 import argparse
@@ -37,6 +43,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also time each routing op alone (forward only)")
+    ap.add_argument("--op-repeat", type=int, default=30)
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -92,6 +100,72 @@ def main():
     print()
     print(tabulate([(n, f"{v:.1f}", f"{100 * v / full:.0f}%", g) for n, v, g in rows],
                    headers=["one block", "ms", "% of full block", f"GFLOPs ({kind})"], disable_numparse=True))
+    if args.ops:
+        ops_breakdown(args, full)
+
+
+def ops_breakdown(args, full_ms: float) -> None:
+    """Each routing op of one routed block alone, compiled, forward, at [B, S, D] / k (see the docstring)."""
+    B, S, D = args.batch, args.seq, args.d_model
+    hd, k, h = D // args.heads, modfx.MoDConfig(capacity=args.capacity).k(args.seq), max(D // 8, 16)
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = torch.randn(B, S, D, generator=g), torch.randn(1, S, hd, generator=g), torch.randn(1, S, hd, generator=g)
+    w = torch.randn(1, D, generator=g) / D ** 0.5
+    r = torch.nn.functional.linear(x, w)
+    idx = torch.sort(torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1][:, :k], dim=1)[0]
+    upd = torch.randn(B, k, D, generator=g)
+    w1, b1, w2, b2 = torch.randn(h, D, generator=g) / D ** 0.5, torch.zeros(h), torch.randn(1, h, generator=g) / h ** 0.5, torch.zeros(1)
+    F = torch.nn.functional
+
+    def router(x):
+        return F.linear(x, w)
+
+    def sort(r):
+        order = torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1]
+        return torch.sort(order[:, :k], dim=1)[0]
+
+    def gather_x(x, idx):
+        return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))
+
+    def gather_rope(cos, sin, idx):
+        i = idx.unsqueeze(-1).expand(-1, -1, hd)
+        return torch.gather(cos.expand(B, -1, -1), 1, i), torch.gather(sin.expand(B, -1, -1), 1, i)
+
+    def gather_r(r, idx):
+        return torch.gather(r, 1, idx.unsqueeze(-1))
+
+    def scatter(x, idx, upd):
+        return torch.scatter(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), upd)
+
+    def predictor(x, idx):
+        p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
+        target = torch.zeros_like(p).scatter(1, idx, 1.0)
+        return p, F.binary_cross_entropy_with_logits(p, target)
+
+    ops = [("router linear over S ([B,S,D] x [D,1])", router, (x,)),
+           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,)),
+           ("gather x -> [B,k,D]", gather_x, (x, idx)),
+           ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx)),
+           ("gather r -> [B,k,1]", gather_r, (r, idx)),
+           ("scatter x_k + w*f into x (out of place, [B,S,D])", scatter, (x, idx, upd)),
+           ("predictor MLP over S + target scatter + BCE", predictor, (x, idx))]
+    rows = []
+    with torch.no_grad():
+        for name, fn, inp in ops:
+            cli.log(f"op: {name}")
+            c = torch.compile(fn, fullgraph=True)
+            for _ in range(3):
+                c(*inp)
+            t = cli.time_ms(lambda: c(*inp), "cpu", args.op_repeat)
+            rows.append((name, statistics.median(t), min(t)))
+    routing = sum(m for n, m, _ in rows if not n.startswith("predictor"))
+    print(f"\nrouting ops alone, each compiled separately, forward, median of {args.op_repeat} "
+          f"(B={B} S={S} D={D} k={k}); % of the full block (dense2 - dense1 = {full_ms:.1f} ms)")
+    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", f"{100 * m / full_ms:.2f}%") for n, m, mn in rows]
+                   + [("sum without predictor", f"{routing:.3f}", "", f"{100 * routing / full_ms:.2f}%"),
+                      ("sum with predictor", f"{routing + rows[-1][1]:.3f}", "",
+                       f"{100 * (routing + rows[-1][1]) / full_ms:.2f}%")],
+                   headers=["op", "median ms", "min ms", "% of full block"], disable_numparse=True))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ class Capture:
     out_spec: pytree.TreeSpec
     seq_expr: sympy.Expr | None  # length of the inputs' token axis (a symbol when dynamic)
     example_inputs: tuple[tuple, dict]
-    non_persistent: set[str]  # buffer names the user's model does not save
     twin: nn.Module  # the private copy that was exported; shares its parameters with the graphs
 
 
@@ -111,6 +110,5 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
         modules[first]._out_spec,
         seq_expr,
         (args, kwargs),
-        set(ep.graph_signature.non_persistent_buffers),
         twin,
     )

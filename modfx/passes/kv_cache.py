@@ -54,7 +54,6 @@ _DUMMY_LEN = 4  # cache length of the fake values used while rewriting; the code
 class DecodeSignature:
     attention: list[int]  # per attention op, in output order: the index of its block
     routed: list[int]  # routed block indices, in output order
-    n_blocks: int
 
 
 def attention_ops(block: Block) -> list[Node]:
@@ -115,7 +114,7 @@ def rewrite_decode(graph: Graph, root: nn.Module, blocks: list[Block], routed: t
             rerouted[old] = merged
             out.args = (tuple(out.args[0]) + (sel,),)
     graph.lint()
-    return DecodeSignature(sig_attn, [b.index for b in blocks if b.index in routed], len(blocks))
+    return DecodeSignature(sig_attn, [b.index for b in blocks if b.index in routed])
 
 
 def _unsqueeze(graph: Graph, n: Node, dims, st) -> Node:

@@ -21,7 +21,7 @@ a check that S is no other size in the block (`_static_token_count`). The orderi
 ties in the router score go to the earlier token.
 
 Contract: requires a discovered `Block` and its router node; ensures the block region runs on k tokens
-and returns `Routed` (the indices, k, gathered router scores) for the predictor pass.
+and returns `Routed` (the indices and the merged output) for the predictor pass.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ from .graph_utils import aten, call, emit_sym_expr, expr, fake_mode_of, propagat
 @dataclasses.dataclass
 class Routed:
     idx: Node  # [B, k] int64, sorted: the tokens that run the block
-    k: Node | int
-    scores: Node  # [B, S] router logits
     out: Node  # the merged output [B, S, D]
 
 
@@ -160,7 +158,7 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         merged = call(graph, aten.scatter.src, (x, block.seq_axis, index, upd), stack=st, tag="scatter")
     for user in outside_users:
         user.replace_input_with(yg, merged)
-    return Routed(idx, k, logits, merged)
+    return Routed(idx, merged)
 
 
 def contribution(graph: Graph, block: Block, x: Node) -> Node:
