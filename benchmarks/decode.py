@@ -4,8 +4,9 @@
     python benchmarks/decode.py --quick         # seconds
 
 The MoD model is the reference llama transformed at capacity 0.125 every other block. Its predictors are
-untrained, so each one's output bias is calibrated on the prompt to select `capacity` of the tokens (what a
-trained predictor does, by its BCE target); on generated tokens the rate drifts, so the table also gives
+untrained, so each one's output bias is calibrated to select `capacity` of the tokens of the prompt and its
+dense greedy continuation (what a trained predictor does, by its BCE target); on the MoD model's own
+generated tokens the rate still drifts, so the table also gives
 the measured rate at which a routed block ran (any row selected) and the ideal speedup at that rate. The
 dense baseline is the same transformed module with
 `dense=True` (every block on every token, same caches, no routing ops). Tokens/s count decode steps only
@@ -28,7 +29,7 @@ from modfx.models.common import rope_at
 
 
 def calibrate(mod, model, ids, capacity):
-    """Shift each predictor's bias so it selects `capacity` of the prompt's tokens at its block."""
+    """Shift each predictor's bias so it selects `capacity` of the tokens of `ids` at its block."""
     with torch.no_grad():
         x = model.tok_emb(ids)
         cos, sin = rope_at(model.cos, model.sin, ids.shape[1])
@@ -91,7 +92,8 @@ def main(argv=None):
     for B in a.batch:
         ids = torch.randint(0, 256, (B, a.prompt))
         mod = modfx.transform(model, (ids,), capacity=a.capacity, every=2).eval()
-        calibrate(mod, model, ids, a.capacity)
+        # calibrated on the prompt and its dense greedy continuation: the kind of tokens decoding will see
+        calibrate(mod, model, modfx.generate(mod, ids, a.new, dense=True), a.capacity)
         steps = a.new - 1
         print(f"batch {B}: timing dense and MoD decode ...", file=sys.stderr)
         dense_s = decode_seconds(mod, ids, a.new, True, a.repeat)
