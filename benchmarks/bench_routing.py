@@ -72,13 +72,7 @@ def main():
         steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ids, args.backward)
         steps[name]()
     cli.log(f"{args.warmup} warmup + {args.repeat} timed rounds")
-    for s in steps.values():
-        for _ in range(args.warmup):
-            s()
-    times = {n: [] for n in steps}
-    for _ in range(args.repeat):
-        for n, s in steps.items():
-            times[n] += cli.time_ms(s, "cpu", 1)
+    times = cli.round_robin(steps, "cpu", args.warmup, args.repeat)
     med = {n: statistics.median(t) for n, t in times.items()}
 
     kind = "fwd+bwd" if args.backward else "forward"

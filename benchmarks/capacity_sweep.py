@@ -111,13 +111,7 @@ def main(argv=None) -> int:
         compile_s[name] = time.perf_counter() - t
         steps[name] = step
     cli.log(f"{args.warmup} warmup + {args.repeat} timed rounds over {len(steps)} variants")
-    for s in steps.values():
-        for _ in range(args.warmup):
-            s()
-    times = {n: [] for n in steps}
-    for _ in range(args.repeat):
-        for n, s in steps.items():
-            times[n] += cli.time_ms(s, "cpu", 1)
+    times = cli.round_robin(steps, "cpu", args.warmup, args.repeat)
     med = {n: statistics.median(t) for n, t in times.items()}
 
     rows = []

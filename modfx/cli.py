@@ -129,6 +129,18 @@ def time_ms(step, device: str, repeat: int) -> list[float]:
     return times
 
 
+def round_robin(steps: dict, device: str, warmup: int, repeat: int) -> dict[str, list[float]]:
+    """Warm every step up, then time them interleaved (so load drift hits every variant alike): ms lists."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {v: [] for v in steps}
+    for _ in range(repeat):
+        for v, step in steps.items():
+            times[v] += time_ms(step, device, 1)
+    return times
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -237,13 +249,7 @@ def bench(args) -> dict:
             steps[variant] = step
 
     log(f"{args.warmup} warmup + {args.repeat} timed {kind} steps per variant, round robin")
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {v: [] for v in steps}
-    for _ in range(args.repeat):  # interleaved, so load drift hits every variant alike
-        for v, step in steps.items():
-            times[v] += time_ms(step, args.device, 1)
+    times = round_robin(steps, args.device, args.warmup, args.repeat)
     log("measuring peak memory (one more step each)")
     if args.device == "cpu":
         _unpool_large_mallocs()
