@@ -1,5 +1,6 @@
 """Invariants over hypothesis-generated reference-model configs. CI runs a few examples
-(MODFX_FUZZ_EXAMPLES, default 6); a long run: MODFX_FUZZ_EXAMPLES=200 pytest tests/test_fuzz.py.
+(MODFX_FUZZ_EXAMPLES, default 6) from a fixed seed; a long random run:
+MODFX_FUZZ_EXAMPLES=200 MODFX_FUZZ_RANDOM=1 pytest tests/test_fuzz.py.
 MODFX_FUZZ_COMPILE=1 also checks compiled == eager for every example."""
 
 import math
@@ -55,10 +56,11 @@ def test_transform_invariants(c):
         if os.environ.get("MODFX_FUZZ_COMPILE"):
             torch.testing.assert_close(torch.compile(mod, fullgraph=True)(x).logits, got, rtol=tol, atol=tol)
 
-        # exactly k tokens per sequence change in a lone routed block (block 0 of a 1-block prefix)
+        # exactly k tokens per sequence change in a lone routed block (block 0 of a 1-block prefix); fp32
+        # only: in bf16 a small r * f(x) can round away, leaving a chosen token bitwise unchanged
         single = modfx.transform(model, (ids,), capacity=c["capacity"], blocks=(0,), weighting=c["weighting"]).eval()
         skipped = model.head(model.norm(model.tok_emb(x)))
-        if c["n_layers"] == 1:
+        if c["n_layers"] == 1 and c["dtype"] == torch.float32:
             k = max(1, math.ceil(c["capacity"] * c["seq"] - 1e-9))
             same = (single(x).logits == skipped).all(-1)
             assert same.sum(1).tolist() == [c["seq"] - k] * c["batch"]
