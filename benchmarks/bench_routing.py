@@ -30,6 +30,7 @@ from tabulate import tabulate
 
 import modfx
 from modfx import cli
+from modfx.config import predictor_width
 from modfx.models import llama
 
 
@@ -101,7 +102,7 @@ def main():
 def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     """Each routing op of one routed block alone, compiled, forward, at [B, S, D] / k (see the docstring)."""
     B, S, D = args.batch, args.seq, args.d_model
-    hd, k, h = D // args.heads, modfx.MoDConfig(capacity=args.capacity).k(args.seq), max(D // 8, 16)
+    hd, k, h = D // args.heads, modfx.MoDConfig(capacity=args.capacity).k(args.seq), predictor_width(D)
     g = torch.Generator().manual_seed(0)
     x, cos, sin = torch.randn(B, S, D, generator=g), torch.randn(1, S, hd, generator=g), torch.randn(1, S, hd, generator=g)
     w = torch.randn(1, D, generator=g) / D ** 0.5

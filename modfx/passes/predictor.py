@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
+from ..config import predictor_width
 from ..errors import ModfxError
 from .discover import Block
 from .graph_utils import aten, call, fake_mode_of, get_attr, propagate
@@ -67,7 +68,7 @@ def predictor_logits(graph: Graph, root: nn.Module, block: Block, hidden: int | 
     """p [B, S]: the predictor's logit of "this token is in the top-k", from stopgrad(x)."""
     x = block.x.meta["val"]
     d = x.shape[-1]
-    h = hidden or max(d // 8, 16)
+    h = hidden or predictor_width(d)
     path = f"{block.name}.mod_predictor"
     mlp = get_or_add_module(root, path, lambda: _new_predictor(d, h, x))
     st = block.stack
