@@ -4,11 +4,12 @@
     python benchmarks/decode.py --quick         # seconds
 
 The MoD model is the reference llama transformed at capacity 0.125 every other block. Its predictors are
-untrained, so each one's output bias is calibrated to select `capacity` of the tokens of the prompt and its
-dense greedy continuation (what a trained predictor does, by its BCE target); on the MoD model's own
-generated tokens the rate still drifts, so the table also gives
-the measured rate at which a routed block ran (any row selected) and the ideal speedup at that rate. The
-dense baseline is the same transformed module with
+untrained, so each one's output bias is calibrated to select `capacity` of the tokens (what a trained
+predictor does, by its BCE target): first by quantile on the prompt and its dense greedy continuation, then
+(--rounds, default 2) by bisection, block by block, on the MoD model's own greedy continuation routed by the
+predictors (so on the hidden states decoding sees). The calibrated rate is per token; the table gives
+the measured rate at which a routed block ran at a decode step (any row selected) and the ideal speedup
+at that rate. The dense baseline is the same transformed module with
 `dense=True` (every block on every token, same caches, no routing ops). Tokens/s count decode steps only
 (prefill and compilation excluded); times are medians over --repeat runs.
 """
@@ -39,6 +40,25 @@ def calibrate(mod, model, ids, capacity):
                 logits = block.mod_predictor(x).flatten()
                 block.mod_predictor[2].bias -= torch.quantile(logits, 1 - capacity)
             x = layer(x, cos, sin)
+
+
+def recalibrate(mod, seq, capacity, steps=12, span=4.0):
+    """Shift each predictor's bias, block by block in order, by bisection until it selects `capacity` of
+    the tokens of `seq` in a full forward routed by the predictors (`routing_stats(...)["selected"]`)."""
+    modfx.set_routing(mod, "predictor")
+    with torch.no_grad():
+        for name in (b.name for b in modfx.plan(mod).routed):
+            bias = mod.get_submodule(f"{name}.mod_predictor")[2].bias
+            base, lo, hi = bias.clone(), -span, span
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                bias.copy_(base + mid)
+                mod(seq)
+                if modfx.routing_stats(mod)[name]["selected"] > capacity:
+                    hi = mid
+                else:
+                    lo = mid
+            bias.copy_(base + (lo + hi) / 2)
 
 
 def decode_seconds(mod, ids, new, dense, repeat):
@@ -79,6 +99,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--capacity", type=float, default=0.125)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="calibration rounds on the MoD's own continuation")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -94,6 +115,8 @@ def main(argv=None):
         mod = modfx.transform(model, (ids,), capacity=a.capacity, every=2).eval()
         # calibrated on the prompt and its dense greedy continuation: the kind of tokens decoding will see
         calibrate(mod, model, modfx.generate(mod, ids, a.new, dense=True), a.capacity)
+        for _ in range(a.rounds):  # then on the hidden states and tokens the MoD decode itself produces
+            recalibrate(mod, modfx.generate(mod, ids, a.new)[:1], a.capacity)
         steps = a.new - 1
         print(f"batch {B}: timing dense and MoD decode ...", file=sys.stderr)
         dense_s = decode_seconds(mod, ids, a.new, True, a.repeat)
