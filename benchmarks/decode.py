@@ -11,7 +11,7 @@ predictors (so on the hidden states decoding sees). The calibrated rate is per t
 the measured rate at which a routed block ran at a decode step (any row selected) and the ideal speedup
 at that rate. The dense baseline is the same transformed module with
 `dense=True` (every block on every token, same caches, no routing ops). Tokens/s count decode steps only
-(prefill and compilation excluded); times are medians over --repeat runs.
+(prefill and compilation excluded); times are medians over --repeat rounds, dense and MoD interleaved.
 """
 
 import argparse
@@ -61,19 +61,20 @@ def recalibrate(mod, seq, capacity, steps=12, span=4.0):
             bias.copy_(base + (lo + hi) / 2)
 
 
-def decode_seconds(mod, ids, new, dense, repeat):
-    modfx.generate(mod, ids, new, compile=True, dense=dense)  # compile + warm up
-    prefill = []
-    for _ in range(repeat):  # the prefill alone, to subtract
-        t = time.perf_counter()
-        modfx.generate(mod, ids, 1, compile=True, dense=dense)
-        prefill.append(time.perf_counter() - t)
-    total = []
+def decode_seconds(mod, ids, new, repeat):
+    """Seconds of `new - 1` decode steps, dense and MoD: each generate timed whole and with 1 new token
+    (the prefill, subtracted), the variants interleaved round by round so load drift hits both alike."""
+    gen = {v: (lambda n, d=(v == "dense"): modfx.generate(mod, ids, n, compile=True, dense=d)) for v in ("dense", "mod")}
+    for g in gen.values():
+        g(new)  # compile + warm up
+    total, prefill = {v: [] for v in gen}, {v: [] for v in gen}
     for _ in range(repeat):
-        t = time.perf_counter()
-        modfx.generate(mod, ids, new, compile=True, dense=dense)
-        total.append(time.perf_counter() - t)
-    return statistics.median(total) - statistics.median(prefill)
+        for v, g in gen.items():
+            for n, times in ((1, prefill[v]), (new, total[v])):
+                t = time.perf_counter()
+                g(n)
+                times.append(time.perf_counter() - t)
+    return {v: statistics.median(total[v]) - statistics.median(prefill[v]) for v in gen}
 
 
 def routed_block_runs(mod, ids, new):
@@ -119,8 +120,8 @@ def main(argv=None):
             recalibrate(mod, modfx.generate(mod, ids, a.new)[:1], a.capacity)
         steps = a.new - 1
         print(f"batch {B}: timing dense and MoD decode ...", file=sys.stderr)
-        dense_s = decode_seconds(mod, ids, a.new, True, a.repeat)
-        mod_s = decode_seconds(mod, ids, a.new, False, a.repeat)
+        secs = decode_seconds(mod, ids, a.new, a.repeat)
+        dense_s, mod_s = secs["dense"], secs["mod"]
         dense_tps, mod_tps = B * steps / dense_s, B * steps / mod_s
         runs = routed_block_runs(mod, ids, a.new)
         at_rate = 1 / (0.5 + 0.5 * runs)  # blocks executed per step, weights-bound
