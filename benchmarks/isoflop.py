@@ -111,7 +111,8 @@ def dense_flops(args, n_layers, d_model, x):
 
 
 def transform(args, model, x):
-    return modfx.transform(model, (x,), capacity=args.capacity, every=2, weighting=args.weighting, predictor=True)
+    return modfx.transform(model, (x,), capacity=args.capacity, every=2, weighting=args.weighting, predictor=True,
+                           router_aux_weight=args.router_aux)
 
 
 # --- training and evaluation -------------------------------------------------------------------------
@@ -298,6 +299,8 @@ def parse(argv):
     ap.add_argument("--capacity", type=float, default=0.125)
     ap.add_argument("--weighting", default="raw", choices=modfx.config.WEIGHTINGS)
     ap.add_argument("--router-lr-mult", type=float, default=1.0, help="lr multiplier of routers and predictors")
+    ap.add_argument("--router-aux", type=float, default=0.0,
+                    help="router_aux_weight: BCE of the router score vs top-k membership (0: off)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the dense-vs-mod pair")
     ap.add_argument("--control-seeds", type=int, default=1, help="seeds of mod_deep, ctrl1, ctrl2")
     ap.add_argument("--runs", default="dense,mod,mod_deep,ctrl1,ctrl2")

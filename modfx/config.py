@@ -31,6 +31,9 @@ class MoDConfig:
     predictor_hidden: hidden width of the predictor MLP (default `predictor_width(d_model)`:
         max(d_model // 32, 16), about 2% of a routed block's FLOPs at capacity 0.125).
     aux_loss_weight: weight of the predictor's BCE loss, injected into the backward pass.
+    router_aux_weight: weight of a BCE loss on the router's own score against top-k membership (the
+        paper's other option for causal sampling): it pushes chosen tokens' r above 0 and the others'
+        below, so that the top-k decision becomes predictable from a token alone. Off (0) by default.
     check_flops: run the FLOP budget check after the rewrite.
     """
 
@@ -41,6 +44,7 @@ class MoDConfig:
     predictor: bool = True
     predictor_hidden: int | None = None
     aux_loss_weight: float = 0.01
+    router_aux_weight: float = 0.0
     check_flops: bool = True
 
     def __post_init__(self):
@@ -68,6 +72,8 @@ class MoDConfig:
             raise ModfxError(f"predictor_hidden must be a positive integer or None, got {self.predictor_hidden!r}")
         if not float(self.aux_loss_weight) >= 0.0:
             raise ModfxError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}")
+        if not float(self.router_aux_weight) >= 0.0:
+            raise ModfxError(f"router_aux_weight must be >= 0, got {self.router_aux_weight!r}")
 
     @property
     def capacity_fraction(self) -> Fraction:

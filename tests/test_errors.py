@@ -30,6 +30,7 @@ def ids(b=2, s=16):
         ({"blocks": ()}, "blocks is empty"),
         ({"blocks": (5,)}, "out of range"),
         ({"weighting": "softmax"}, "unknown weighting"),
+        ({"router_aux_weight": -1.0}, "router_aux_weight must be >= 0"),
         ({"capacty": 0.5}, "unknown MoDConfig field"),
     ],
 )

@@ -38,6 +38,24 @@ def test_aux_loss_leaves_outputs_and_main_gradients_unchanged():
     assert all(grads[0.0][n].abs().sum() == 0 for n in pred)
 
 
+def test_router_aux_loss_adds_the_bce_of_the_router_score_against_top_k_to_its_gradient():
+    # 2 layers, block 1 routed: with the language-model gradient zeroed, the router's gradient is exactly
+    # that of weight * BCE(r, top-k membership) at block 1's input
+    model, mod, ids = make(router_aux_weight=0.5, aux_loss_weight=0.0)
+    out = mod(ids).logits
+    assert torch.equal(out, make()[1](ids).logits)  # forward unchanged
+    (0 * out.sum()).backward()
+    w = mod.get_submodule("layers.1.mod_router").weight.detach().requires_grad_()
+    cos, sin = rope_at(model.cos, model.sin, S)
+    x1 = model.layers[0](model.tok_emb(ids), cos, sin).detach()  # [B, S, D]
+    r = (x1 @ w.T)[..., 0]  # [B, S]
+    k = 6  # ceil(0.25 * 24)
+    idx = r.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    target = torch.zeros_like(r).scatter(1, idx, 1.0)
+    (0.5 * torch.nn.functional.binary_cross_entropy_with_logits(r, target)).backward()
+    torch.testing.assert_close(mod.get_submodule("layers.1.mod_router").weight.grad, w.grad)
+
+
 def test_routing_stats_report_the_last_forward(built):
     _, mod, ids = built
     modfx.set_routing(mod, "topk")

@@ -5,6 +5,7 @@
     -> insert routers                 passes/router.py
     -> route: top-k, gather, block on k tokens, scatter      passes/route_topk.py
     -> predictor branch (BCE aux loss, stats)                passes/predictor.py
+    -> router aux loss (optional BCE on r itself)            passes/predictor.py
     -> FLOP budget check                                     passes/flops.py (run by modfx.transform)
 
 `run_pipeline` rewrites one captured graph in place for one routing mode; `modfx.transform` runs it for
@@ -22,7 +23,7 @@ from torch.fx import Graph
 from ..config import MoDConfig
 from .discover import Block, find_blocks
 from .router import insert_router
-from .predictor import add_predictor_loss, route_predictor
+from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .route_topk import route_topk
 
 
@@ -54,6 +55,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                 new_out, block_stats = add_predictor_loss(graph, root, block, routed_block,
                                                           config.predictor_hidden, config.aux_loss_weight)
                 stats.append(block_stats)
+            if config.router_aux_weight:
+                new_out = add_router_loss(graph, block, routed_block, r, new_out, config.router_aux_weight)
         elif mode == "predictor":
             new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting)
             stats.append(block_stats)

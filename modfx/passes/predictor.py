@@ -14,6 +14,10 @@ In the top-k graph (training), after the routed block's merge:
                                                  use(y')                                  # d aux = weight backward
                                                  stats += [aux, accuracy, precision, recall, mean(p > 0)]
 
+Optionally (config.router_aux_weight > 0, the paper's other causal option), the router's own score gets
+the same kind of loss, `add_aux_loss(y', router_weight * bce_with_logits(r[..., 0], t))`, so that r > 0
+itself tends to mark the top-k tokens.
+
 In the predictor graph (sampling / causal evaluation), instead of top-k:
 
     sel   = p > 0                                              # [B, S] bool, causal by construction
@@ -93,19 +97,47 @@ def add_predictor_loss(graph: Graph, root: nn.Module, block: Block, routed: Rout
     """Top-k graph: predictor + BCE aux loss injected into backward. Returns the new block output and
     the stats node [N_STATS]."""
     st = block.stack
-    merged = routed.out
-    users = list(merged.users)
-    with graph.inserting_before(merged.next):
+    with graph.inserting_before(routed.out.next):
         p = predictor_logits(graph, root, block, hidden)
-        zeros = call(graph, aten.zeros_like.default, (p,), stack=st)
-        target = call(graph, aten.scatter.value, (zeros, 1, routed.idx, 1.0), stack=st, tag="predictor")
+        target = topk_target(graph, p, routed.idx, st)
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (p, target), stack=st, tag="predictor")
-        scaled = call(graph, aten.mul.Tensor, (aux, weight), stack=st)
-        out = call(graph, add_aux_loss, (merged, scaled), stack=st, tag="predictor")
         stats = _stats(graph, p, target, aux, st)
+    return _ride_along(graph, routed.out, aux, weight, st), stats
+
+
+def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: Node, weight: float) -> Node:
+    """Top-k graph: BCE of the router score r itself against top-k membership, injected into backward
+
+        aux = bce_with_logits(r[..., 0], scatter(zeros, 1, idx, 1))      # [B, S] logits vs membership
+        y'  = add_aux_loss(y, weight * aux)                              # y: the block's current output
+
+    Returns the new block output."""
+    st = block.stack
+    with graph.inserting_before(out.next):
+        logits = call(graph, aten.squeeze.dim, (r, -1), stack=st)
+        if block.batch_axis == 1:
+            logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
+        target = topk_target(graph, logits, routed.idx, st)
+        aux = call(graph, aten.binary_cross_entropy_with_logits.default, (logits, target), stack=st, tag="router")
+    return _ride_along(graph, out, aux, weight, st)
+
+
+def topk_target(graph: Graph, like: Node, idx: Node, st) -> Node:
+    """[B, S] 1.0 at the top-k tokens, 0.0 elsewhere."""
+    zeros = call(graph, aten.zeros_like.default, (like,), stack=st)
+    return call(graph, aten.scatter.value, (zeros, 1, idx, 1.0), stack=st, tag="predictor")
+
+
+def _ride_along(graph: Graph, out: Node, aux: Node, weight: float, st) -> Node:
+    """out' = add_aux_loss(out, weight * aux), inserted after `aux`; every user of `out` reads out'."""
+    users = list(out.users)  # the nodes after the block; none of the new nodes reads `out`
+    with graph.inserting_after(aux):
+        scaled = call(graph, aten.mul.Tensor, (aux, weight), stack=st)
+    with graph.inserting_after(scaled):
+        new = call(graph, add_aux_loss, (out, scaled), stack=st, tag="predictor")
     for u in users:
-        u.replace_input_with(merged, out)
-    return out, stats
+        u.replace_input_with(out, new)
+    return new
 
 
 def _stats(graph: Graph, p: Node, target: Node, aux: Node, st) -> Node:
