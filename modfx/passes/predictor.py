@@ -99,7 +99,7 @@ def add_predictor_loss(graph: Graph, root: nn.Module, block: Block, routed: Rout
     st = block.stack
     with graph.inserting_before(routed.out.next):
         p = predictor_logits(graph, root, block, hidden)
-        target = topk_target(graph, p, routed.idx, st)
+        target = topk_target(graph, p, routed.idx, st, "predictor")
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (p, target), stack=st, tag="predictor")
         stats = _stats(graph, p, target, aux, st)
     return _ride_along(graph, routed.out, aux, weight, st), stats
@@ -117,15 +117,15 @@ def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: No
         logits = call(graph, aten.squeeze.dim, (r, -1), stack=st)
         if block.batch_axis == 1:
             logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
-        target = topk_target(graph, logits, routed.idx, st)
+        target = topk_target(graph, logits, routed.idx, st, "router")
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (logits, target), stack=st, tag="router")
     return _ride_along(graph, out, aux, weight, st)
 
 
-def topk_target(graph: Graph, like: Node, idx: Node, st) -> Node:
+def topk_target(graph: Graph, like: Node, idx: Node, st, tag: str) -> Node:
     """[B, S] 1.0 at the top-k tokens, 0.0 elsewhere."""
     zeros = call(graph, aten.zeros_like.default, (like,), stack=st)
-    return call(graph, aten.scatter.value, (zeros, 1, idx, 1.0), stack=st, tag="predictor")
+    return call(graph, aten.scatter.value, (zeros, 1, idx, 1.0), stack=st, tag=tag)
 
 
 def _ride_along(graph: Graph, out: Node, aux: Node, weight: float, st) -> Node:
@@ -134,7 +134,7 @@ def _ride_along(graph: Graph, out: Node, aux: Node, weight: float, st) -> Node:
     with graph.inserting_after(aux):
         scaled = call(graph, aten.mul.Tensor, (aux, weight), stack=st)
     with graph.inserting_after(scaled):
-        new = call(graph, add_aux_loss, (out, scaled), stack=st, tag="predictor")
+        new = call(graph, add_aux_loss, (out, scaled), stack=st, tag=aux.meta["modfx_role"])
     for u in users:
         u.replace_input_with(out, new)
     return new
