@@ -1,18 +1,21 @@
 """modfx against a public peer: the `mixture-of-depth` package (PyPI, v1.2.0), which patches Hugging Face
 Llama layers with a Python-level MoD wrapper (`MoD.apply_mod_to_hf`).
 
-    python benchmarks/peers.py                    # creates benchmarks/.peers-venv/... on first use (~1 min)
-    python benchmarks/peers.py --seq 512 --batch 2 --layers 4 --d-model 256 --repeat 5
+    python benchmarks/peers.py                                     # forward; peer on transformers 4.40.2
+    python benchmarks/peers.py --transformers 4.40.2 4.44.2 5.23.0 # the peer on three transformers releases
+    python benchmarks/peers.py --backward                          # forward + backward, train mode
 
-Both sides build the same `transformers.LlamaConfig` with random weights (seed 0, no download), route
-every other layer (1, 3, ...: the peer's fixed choice) at capacity 0.125, and time the forward pass in eval
-mode under no_grad: dense eager, dense compiled, MoD eager, MoD compiled (`torch.compile`, default options,
-graph breaks counted by `torch._dynamo.explain`). Each side runs in its own environment and process:
-modfx in this interpreter's environment, the peer in a venv with the transformers release it was written
-for (its decoder-layer wrapper takes the layer call signature of transformers 4.4x). Each side's speedups
-are against its own dense compiled model, since the two transformers releases differ. FLOPs come from
-`FlopCounterMode` (which counts no FLOPs for SDPA on CPU, so attention is left out on both sides).
-A variant that raises is reported with its error: a failure is a result.
+The peer runs in its own venv, created on first use under benchmarks/.peers-venv/transformers-VERSION
+(torch==2.13.0 CPU, the transformers release given, mixture-of-depth==1.2.0); modfx runs in this
+interpreter's environment. Each side is one worker process (`peers.py --worker modfx|peer`) that prints
+one JSON line. Both build `LlamaForCausalLM` from the same `LlamaConfig` with seed-0 random weights (no
+download) and route every other layer (1, 3, ...: the peer's fixed choice; modfx with `every=2`) at
+capacity 0.125 (fixed in the peer). Four variants per side, timed in interleaved rounds: dense eager, dense
+compiled, MoD eager, MoD compiled (`torch.compile(fullgraph=True)`, else default options; graph breaks
+counted by `torch._dynamo.explain`). Speedups are against the side's own dense models, since the two
+transformers releases differ. FLOPs come from `FlopCounterMode` (which counts nothing for SDPA on CPU, so
+attention is left out on both sides). A variant that raises is reported with its error: a failure is a
+result.
 """
 
 import argparse
@@ -41,89 +44,104 @@ def build(args):
                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                       max_position_embeddings=max(2048, args.seq), use_cache=False)
     cfg.architectures = ["LlamaForCausalLM"]  # the peer picks its layer list by this name
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     # positions given explicitly, [B, S]: the peer indexes them per batch row (HF's default is [1, S])
     return model, {"input_ids": ids, "position_ids": torch.arange(args.seq).expand(args.batch, -1)}
 
 
-def mod_of(side, model, inputs, capacity):
+def mod_of(side, model, inputs, args):
     if side == "peer":
         from MoD import apply_mod_to_hf
 
         mod = apply_mod_to_hf(copy.deepcopy(model))  # capacity 0.125 and odd layers are fixed in the package
-        return mod.eval()
+        for layer in mod.model.layers:
+            if hasattr(layer, "training_step"):
+                # in train mode the peer anneals capacity 1 -> 0.125 over 1,000 steps: start past that
+                layer.training_step = 10**6
+        return mod
     import modfx
 
-    return modfx.transform(model, example_kwargs=inputs, capacity=capacity, every=2).eval()
+    return modfx.transform(model, example_kwargs=inputs, capacity=args.capacity, every=2)
 
 
-def flops(m, inputs):
+def make_step(m, inputs, backward):
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        m(**inputs)
-    return fc.get_total_flops()
+    def step():
+        if backward:
+            m(**inputs).logits.float().mean().backward()
+            m.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                m(**inputs)
+    return step
+
+
+def error(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
 
 
 def worker(side, args):
     import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)
     model, inputs = build(args)
-    out = {"side": side, "torch": torch.__version__, "variants": {}}
-    import transformers
-
-    out["transformers"] = transformers.__version__
+    out = {"side": side, "torch": torch.__version__, "transformers": transformers.__version__, "variants": {},
+           "logits": {}, "flops": {}}
     if side == "peer":
         from importlib.metadata import version
 
         out["mixture_of_depth"] = version("mixture-of-depth")
-    else:
-        import modfx
-
-        out["modfx"] = getattr(modfx, "__version__", "0.1.0")
     models = {"dense": model}
     try:
-        models["mod"] = mod_of(side, model, inputs, args.capacity)
+        models["MoD"] = mod_of(side, model, inputs, args)
     except Exception as e:  # noqa: BLE001 - reported, not hidden
-        out["variants"]["MoD eager"] = out["variants"]["MoD compiled"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        out["variants"]["MoD eager"] = out["variants"]["MoD compiled"] = {"error": error(e)}
     steps = {}
-    for name, m in models.items():
+    for label, m in models.items():
+        m.train(args.backward)
+        step = make_step(m, inputs, args.backward)
         try:
             with torch.no_grad():
                 logits = m(**inputs).logits
-            out.setdefault("logits_shape", {})[name] = list(logits.shape)
-            out.setdefault("flops", {})[name] = flops(m, inputs)
+            out["logits"][label] = {"shape": list(logits.shape), "finite": bool(logits.isfinite().all())}
+            with FlopCounterMode(display=False) as fc:
+                step()
+            out["flops"][label] = fc.get_total_flops()
+            steps[f"{label} eager"] = step
         except Exception as e:  # noqa: BLE001
-            out["variants"][f"{'MoD' if name == 'mod' else name} eager"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            out["variants"][f"{label} eager"] = out["variants"][f"{label} compiled"] = {"error": error(e)}
             continue
-        label = "MoD" if name == "mod" else "dense"
-        steps[f"{label} eager"] = (lambda m=m: m(**inputs))
         try:
             torch._dynamo.reset()
-            explain = torch._dynamo.explain(m)(**inputs)
-            breaks = explain.graph_break_count
-            torch._dynamo.reset()
-            compiled = torch.compile(m)
-            t = time.perf_counter()
-            with torch.no_grad():
-                compiled(**inputs)
-            out["variants"][f"{label} compiled"] = {"compile_s": time.perf_counter() - t, "graph_breaks": breaks}
-            steps[f"{label} compiled"] = (lambda c=compiled: c(**inputs))
+            out["variants"][f"{label} compiled"] = {"graph_breaks": torch._dynamo.explain(m)(**inputs).graph_break_count}
         except Exception as e:  # noqa: BLE001
-            out["variants"][f"{label} compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
-    times = {v: [] for v in steps}
-    with torch.no_grad():
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        for _ in range(args.repeat):  # interleaved rounds, so load drift hits every variant alike
-            for v, step in steps.items():
+            out["variants"][f"{label} compiled"] = {"explain_error": error(e)}
+    torch._dynamo.reset()  # compile last, after every explain, so no reset throws a compiled model's code away
+    for label, m in models.items():
+        res = out["variants"][f"{label} compiled"]
+        for fullgraph in (True, False) if f"{label} eager" in steps else ():
+            cstep = make_step(torch.compile(m, fullgraph=fullgraph), inputs, args.backward)
+            try:
                 t = time.perf_counter()
-                step()
-                times[v].append((time.perf_counter() - t) * 1e3)
+                cstep()
+                res.update(compile_s=time.perf_counter() - t, fullgraph=fullgraph)
+                steps[f"{label} compiled"] = cstep
+                break
+            except Exception as e:  # noqa: BLE001
+                res["fullgraph_error" if fullgraph else "error"] = error(e)
+    times = {v: [] for v in steps}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    for _ in range(args.repeat):  # interleaved rounds, so load drift hits every variant alike
+        for v, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[v].append((time.perf_counter() - t) * 1e3)
     for v, ts in times.items():
         out["variants"].setdefault(v, {}).update(median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts))
     print("PEERS-JSON " + json.dumps(out), flush=True)
@@ -131,7 +149,7 @@ def worker(side, args):
 
 # --- orchestrator -------------------------------------------------------------------------------------
 
-def peer_python(venv: pathlib.Path, transformers: str) -> str:
+def peer_python(venv, transformers):
     py = venv / "bin" / "python"
     if not py.exists():
         print(f"creating {venv} (torch 2.13.0 CPU, transformers {transformers}, {PEER}) ...", file=sys.stderr)
@@ -141,11 +159,11 @@ def peer_python(venv: pathlib.Path, transformers: str) -> str:
     return str(py)
 
 
-def run_side(python: str, side: str, argv: list[str]) -> dict:
+def run_side(python, side, argv):
     cmd = [python, __file__, "--worker", side, *argv]
     print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # compile seconds without cache hits
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("PEERS-JSON "):
             return json.loads(line[len("PEERS-JSON "):])
@@ -153,23 +171,27 @@ def run_side(python: str, side: str, argv: list[str]) -> dict:
     return {"side": side, "error": f"worker exited with {p.returncode}: " + " | ".join(tail)}
 
 
-def rows_of(res: dict) -> list[tuple]:
+def rows_of(res):
+    side = res["side"] if res["side"] == "modfx" else f"peer (transformers {res.get('transformers', '?')})"
     if "error" in res:
-        return [(res["side"], "-", "-", "-", "-", "-", "-", res["error"][:160])]
-    v, f = res["variants"], res.get("flops", {})
-    base = v.get("dense compiled", {}).get("median_ms")
+        return [(side, "-", "-", "-", "-", "-", "-", "-", "-", res["error"][:160])]
+    v, f = res["variants"], res["flops"]
+    eager, compiled = (v.get(f"dense {k}", {}).get("median_ms") for k in ("eager", "compiled"))
     rows = []
     for name in ("dense eager", "dense compiled", "MoD eager", "MoD compiled"):
         r = v.get(name, {})
-        fl = f.get("mod" if name.startswith("MoD") else "dense")
+        fl = f.get(name.split()[0])
+        full = f"fullgraph=True: {r['fullgraph_error'][:100]}" if "fullgraph_error" in r else ""
         if "median_ms" not in r:
-            rows.append((res["side"], name, "-", "-", "-", "-", "-", r.get("error", "not run")[:160]))
+            err = (f"{full}; default: " if full else "") + r.get("error", "not run")
+            rows.append((side, name, "-", "-", "-", "-", "-", "-", str(r.get("graph_breaks", "-")), err[:220]))
             continue
-        rows.append((res["side"], name, f"{fl / 1e9:.2f}" if fl else "-",
-                     f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})",
-                     f"{base / r['median_ms']:.2f}x" if base else "-",
+        ms = r["median_ms"]
+        rows.append((side, name, f"{fl / 1e9:.2f}" if fl else "-", f"{ms:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})",
+                     f"{eager / ms:.2f}x" if eager else "-", f"{compiled / ms:.2f}x" if compiled else "-",
                      f"{r['compile_s']:.1f}" if "compile_s" in r else "-",
-                     str(r.get("graph_breaks", "-")), r.get("error", "")))
+                     ("yes" if r["fullgraph"] else "no") if "fullgraph" in r else "-",
+                     str(r.get("graph_breaks", "-")), full))
     return rows
 
 
@@ -183,38 +205,44 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--capacity", type=float, default=0.125, help="modfx's; the peer's is fixed at 0.125")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward in train mode")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--transformers", default="4.40.2",
-                    help="transformers release for the peer's venv (4.40.2 is the newest seen to run its eager MoD)")
-    ap.add_argument("--venv", help="the peer's venv (default benchmarks/.peers-venv/transformers-VERSION)")
-    ap.add_argument("--json", default=str(HERE / "results" / "peers_cpu.json"))
+    ap.add_argument("--transformers", nargs="+", default=["4.40.2"],
+                    help="transformers release(s) for the peer's venv(s) (4.40.2: the newest its MoD runs on)")
+    ap.add_argument("--venv-dir", default=str(HERE / ".peers-venv"), help="peer venvs go here, one per release")
+    ap.add_argument("--json", help="default benchmarks/results/peers_cpu[_backward].json")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
     shared = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("layers", "d_model", "heads", "vocab", "seq", "batch", "capacity", "repeat", "warmup", "threads")]
-    results = [run_side(sys.executable, "modfx", shared),
-               run_side(peer_python(pathlib.Path(args.venv or HERE / ".peers-venv" / f"transformers-{args.transformers}"),
-                                    args.transformers), "peer", shared)]
+    shared += ["--backward"] * args.backward
+    results = [run_side(sys.executable, "modfx", shared)]
+    for tv in args.transformers:
+        py = peer_python(pathlib.Path(args.venv_dir) / f"transformers-{tv}", tv)
+        results.append(run_side(py, "peer", shared))
     from tabulate import tabulate
 
-    rows = [r for res in results for r in rows_of(res)]
+    what = "forward + backward (train)" if args.backward else "forward (eval, no_grad)"
     print(f"HF LlamaForCausalLM L={args.layers} d={args.d_model} heads={args.heads} vocab={args.vocab}, "
-          f"B={args.batch} S={args.seq} fp32 cpu, {args.threads} thread(s), forward (eval, no_grad), "
-          f"median of {args.repeat} interleaved rounds; capacity 0.125 on layers 1, 3, ...")
-    print(tabulate(rows, headers=["side", "variant", "GFLOPs (no SDPA)", "median ms (min-max)",
-                                  "vs own dense compiled", "compile s", "graph breaks", "error"],
+          f"B={args.batch} S={args.seq} fp32 cpu, {args.threads} thread(s), {what}, median of {args.repeat} "
+          f"interleaved rounds; capacity 0.125 on layers 1, 3, ...")
+    print(tabulate([r for res in results for r in rows_of(res)],
+                   headers=["side", "variant", "GFLOPs (no SDPA)", "median ms (min-max)", "vs own dense eager",
+                            "vs own dense compiled", "compile s", "fullgraph", "graph breaks", "error"],
                    disable_numparse=True))
     for res in results:
-        if "flops" in res and "mod" in res["flops"]:
-            print(f"{res['side']}: MoD/dense FLOPs {res['flops']['mod'] / res['flops']['dense']:.3f}, "
-                  f"torch {res['torch']}, transformers {res['transformers']}")
-    meta = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(), machine=platform.platform(),
-                cpus=os.cpu_count(), args={k: v for k, v in vars(args).items() if k != "worker"})
-    pathlib.Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=2))
-    print(f"wrote {args.json}")
+        f, lg = res.get("flops", {}), res.get("logits", {})
+        if "MoD" in f:
+            print(f"{res['side']} (transformers {res['transformers']}): MoD/dense FLOPs {f['MoD'] / f['dense']:.3f}; "
+                  f"logits dense {lg['dense']}, MoD {lg['MoD']}, same shape: {lg['dense']['shape'] == lg['MoD']['shape']}")
+    meta = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items() if k != "worker"}}
+    path = args.json or str(HERE / "results" / f"peers_cpu{'_backward' * args.backward}.json")
+    pathlib.Path(path).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
