@@ -19,12 +19,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from tabulate import tabulate
 
 import modfx
+from modfx import cli
 from modfx.models import llama
 from modfx.models.common import rope_at
 
@@ -63,18 +63,11 @@ def recalibrate(mod, seq, capacity, steps=12, span=4.0):
 
 def decode_seconds(mod, ids, new, repeat):
     """Seconds of `new - 1` decode steps, dense and MoD: each generate timed whole and with 1 new token
-    (the prefill, subtracted), the variants interleaved round by round so load drift hits both alike."""
-    gen = {v: (lambda n, d=(v == "dense"): modfx.generate(mod, ids, n, compile=True, dense=d)) for v in ("dense", "mod")}
-    for g in gen.values():
-        g(new)  # compile + warm up
-    total, prefill = {v: [] for v in gen}, {v: [] for v in gen}
-    for _ in range(repeat):
-        for v, g in gen.items():
-            for n, times in ((1, prefill[v]), (new, total[v])):
-                t = time.perf_counter()
-                g(n)
-                times.append(time.perf_counter() - t)
-    return {v: statistics.median(total[v]) - statistics.median(prefill[v]) for v in gen}
+    (the prefill, subtracted), all four interleaved round by round (`cli.round_robin`)."""
+    steps = {(v, n): (lambda v=v, n=n: modfx.generate(mod, ids, n, compile=True, dense=v == "dense"))
+             for v in ("dense", "mod") for n in (1, new)}
+    ms = {k: statistics.median(t) for k, t in cli.round_robin(steps, "cpu", 1, repeat).items()}
+    return {v: (ms[v, new] - ms[v, 1]) / 1e3 for v in ("dense", "mod")}
 
 
 def routed_block_runs(mod, ids, new):

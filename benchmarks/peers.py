@@ -137,7 +137,9 @@ def worker(side, args):
     for step in steps.values():
         for _ in range(args.warmup):
             step()
-    for _ in range(args.repeat):  # interleaved rounds, so load drift hits every variant alike
+    # interleaved rounds, so load drift hits every variant alike (modfx.cli.round_robin's scheme, written out
+    # here because the peer's environment has no modfx)
+    for _ in range(args.repeat):
         for v, step in steps.items():
             t = time.perf_counter()
             step()

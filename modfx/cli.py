@@ -160,7 +160,8 @@ def memory_method(device: str) -> str:
     if device == "cuda":
         return "torch.cuda.max_memory_allocated above allocated before the step"
     if _reset_peak_rss():
-        return "peak RSS (VmHWM, reset via /proc/self/clear_refs) above RSS before the step; large mallocs unpooled, heap trimmed"
+        return ("peak RSS (VmHWM, reset via /proc/self/clear_refs) above RSS before the step; "
+                "large mallocs unpooled, heap trimmed")
     return "resource.getrusage ru_maxrss increase during the step (0 if it stayed under an earlier peak)"
 
 
@@ -173,9 +174,8 @@ def peak_mb(step, device: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _trim()  # else memory freed by earlier steps stays in glibc's heaps and hides this step's peak
     if _reset_peak_rss():
-        _trim()  # else freed memory of earlier steps stays in glibc's heaps and hides this step's peak
-        _reset_peak_rss()
         base = _rss_kb("VmRSS")
         step()
         return (_rss_kb("VmHWM") - base) / 1024
@@ -193,12 +193,11 @@ def _unpool_large_mallocs() -> None:
         ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-    _trim()
 
 
 def _trim() -> None:
     """glibc: return free heap memory to the OS. Not all of a step's large buffers come from mmap (memory
-    freed by a compiled step was seen to stay resident until trimmed), so trim before each measurement."""
+    freed by a compiled step was seen to stay resident until trimmed), so `peak_mb` trims first."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

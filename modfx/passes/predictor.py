@@ -81,10 +81,15 @@ def predictor_logits(graph: Graph, root: nn.Module, block: Block, hidden: int | 
     hid = call(graph, aten.linear.default, (xd, params["0.weight"], params["0.bias"]), stack=st, tag="predictor")
     hid = call(graph, aten.gelu.default, (hid,), stack=st, tag="predictor")
     p = call(graph, aten.linear.default, (hid, params["2.weight"], params["2.bias"]), stack=st, tag="predictor")
-    p = call(graph, aten.squeeze.dim, (p, -1), stack=st)
+    return per_token(graph, p, block)  # [B, S]
+
+
+def per_token(graph: Graph, score: Node, block: Block) -> Node:
+    """A per-token score [B, S, 1] (or [S, B, 1] for a sequence-first block) as [B, S]."""
+    t = call(graph, aten.squeeze.dim, (score, -1), stack=block.stack)
     if block.batch_axis == 1:
-        p = call(graph, aten.permute.default, (p, [1, 0]), stack=st)
-    return p  # [B, S]
+        t = call(graph, aten.permute.default, (t, [1, 0]), stack=block.stack)
+    return t
 
 
 def _new_predictor(d: int, h: int, like: torch.Tensor) -> nn.Sequential:
@@ -114,9 +119,7 @@ def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: No
     Returns the new block output."""
     st = block.stack
     with graph.inserting_before(out.next):
-        logits = call(graph, aten.squeeze.dim, (r, -1), stack=st)
-        if block.batch_axis == 1:
-            logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
+        logits = per_token(graph, r, block)  # [B, S]
         target = topk_target(graph, logits, routed.idx, st, "router")
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (logits, target), stack=st, tag="router")
     return _ride_along(graph, out, aux, weight, st)
