@@ -15,9 +15,11 @@ time scaled by the FLOP ratio (block at k without routing ops / full block), fro
 Times are medians over interleaved rounds.
 
 --ops adds a per-op breakdown: each routing op of one block, compiled on its own
-(`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat):
-router linear over S, stable sort + slice + index sort, gathers of x / RoPE cos, sin / r, scatter of x,
-predictor MLP (+ its target scatter and BCE). In the real graph Inductor may fuse some of these, so the
+(`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat),
+forward or, with --backward, forward + backward: router over S (ranking only), stable sort + slice +
+index sort, gathers of x / RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), scatter
+of x, predictor MLP (+ its target scatter and BCE); and, for comparison, the formulation before
+2026-12-04 (router over S with gradient, then a gather of r). In the real graph Inductor may fuse some of these, so the
 sum is an estimate, not a measurement of the routed block.
 """
 
@@ -44,7 +46,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backward", action="store_true")
-    ap.add_argument("--ops", action="store_true", help="also time each routing op alone (forward only)")
+    ap.add_argument("--ops", action="store_true", help="also time each routing op alone")
     ap.add_argument("--op-repeat", type=int, default=30)
     args = ap.parse_args()
 
@@ -100,7 +102,8 @@ def main():
 
 
 def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
-    """Each routing op of one routed block alone, compiled, forward, at [B, S, D] / k (see the docstring)."""
+    """Each routing op of one routed block alone, compiled, at [B, S, D] / k (see the docstring); with
+    --backward each op's forward + backward (autograd.grad with a fixed upstream gradient)."""
     B, S, D = args.batch, args.seq, args.d_model
     hd, k, h = D // args.heads, modfx.MoDConfig(capacity=args.capacity).k(args.seq), predictor_width(D)
     g = torch.Generator().manual_seed(0)
@@ -108,11 +111,12 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     w = torch.randn(1, D, generator=g) / D ** 0.5
     r = torch.nn.functional.linear(x, w)
     idx = torch.sort(torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1][:, :k], dim=1)[0]
-    upd = torch.randn(B, k, D, generator=g)
+    xg, upd = torch.randn(B, k, D, generator=g), torch.randn(B, k, D, generator=g)
     w1, b1, w2, b2 = torch.randn(h, D, generator=g) / D ** 0.5, torch.zeros(h), torch.randn(1, h, generator=g) / h ** 0.5, torch.zeros(1)
     F = torch.nn.functional
+    grad = args.backward
 
-    def router(x):
+    def router(x, w):
         return F.linear(x, w)
 
     def sort(r):
@@ -129,37 +133,52 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     def gather_r(r, idx):
         return torch.gather(r, 1, idx.unsqueeze(-1))
 
+    def router_with_gather(x, w, idx):  # before 2026-12-04: grad through the router over all S tokens
+        return gather_r(F.linear(x, w), idx)
+
     def scatter(x, idx, upd):
         return torch.scatter(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), upd)
 
-    def predictor(x, idx):
+    def predictor(x, idx, w1, b1, w2, b2):
         p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
-        return p, F.binary_cross_entropy_with_logits(p, target)
+        return F.binary_cross_entropy_with_logits(p, target)
 
-    ops = [("router linear over S ([B,S,D] x [D,1])", router, (x,)),
-           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,)),
-           ("gather x -> [B,k,D]", gather_x, (x, idx)),
-           ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx)),
-           ("gather r -> [B,k,1]", gather_r, (r, idx)),
-           ("scatter x_k + w*f into x (out of place, [B,S,D])", scatter, (x, idx, upd)),
-           ("predictor MLP over S + target scatter + BCE", predictor, (x, idx))]
+    # (name, fn, inputs, indices of the inputs that get a gradient in training, counted in the sum)
+    ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router, (x, w), (), True),
+           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), True),
+           ("gather x -> [B,k,D]", gather_x, (x, idx), (0,), True),
+           ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), True),
+           ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), True),
+           ("scatter x_k + w*f into x (out of place, [B,S,D])", scatter, (x, idx, upd), (0, 2), True),
+           ("predictor MLP over S + target scatter + BCE", predictor, (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), True),
+           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False)]
     rows = []
-    with torch.no_grad():
-        for name, fn, inp in ops:
-            cli.log(f"op: {name}")
-            c = torch.compile(fn, fullgraph=True)
-            for _ in range(3):
-                c(*inp)
-            t = cli.time_ms(lambda: c(*inp), "cpu", args.op_repeat)
-            rows.append((name, statistics.median(t), min(t)))
-    routing = sum(m for n, m, _ in rows if not n.startswith("predictor"))
-    print(f"\nrouting ops alone, each compiled separately, forward, median of {args.op_repeat} "
-          f"(B={B} S={S} D={D} k={k});\n% of the full block (dense2 - dense1 = {full_ms:.1f} ms) and of the routed "
-          f"block at k (mod - dense1 = {routed_ms:.1f} ms)")
+    for name, fn, inp, needs, summed in ops:
+        cli.log(f"op: {name}")
+        c = torch.compile(fn, fullgraph=True)
+        inp = tuple(t.detach().requires_grad_(grad and i in needs) for i, t in enumerate(inp))
+        if grad and needs:
+            outs = c(*inp)
+            up = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+            def call(c=c, inp=inp, up=up, needs=needs):
+                torch.autograd.grad(c(*inp), [inp[i] for i in needs], up)
+        else:
+            def call(c=c, inp=inp):
+                with torch.no_grad():
+                    c(*inp)
+        for _ in range(3):
+            call()
+        t = cli.time_ms(call, "cpu", args.op_repeat)
+        rows.append((name, statistics.median(t), min(t), summed))
+    kind = "forward + backward" if grad else "forward"
+    print(f"\nrouting ops alone, each compiled separately, {kind}, median of {args.op_repeat} "
+          f"(B={B} S={S} D={D} k={k} predictor {D}->{h}->1);\n% of the full block (dense2 - dense1 = {full_ms:.1f} ms) "
+          f"and of the routed block at k (mod - dense1 = {routed_ms:.1f} ms)")
     pct = lambda v: (f"{100 * v / full_ms:.2f}%", f"{100 * v / routed_ms:.1f}%")  # noqa: E731
-    tot = routing + rows[-1][1]
-    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m)) for n, m, mn in rows]
+    routing = sum(m for n, m, _, summed in rows if summed and not n.startswith("predictor"))
+    tot = routing + next(m for n, m, _, _ in rows if n.startswith("predictor"))
+    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m)) for n, m, mn, _ in rows]
                    + [("sum without predictor", f"{routing:.3f}", "", *pct(routing)),
                       ("sum with predictor", f"{tot:.3f}", "", *pct(tot))],
                    headers=["op", "median ms", "min ms", "% of full block", "% of routed block"],

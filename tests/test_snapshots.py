@@ -90,9 +90,10 @@ def test_routing_nodes_per_block(transformed):
             assert roles == [], b.name
             continue
         assert sorted(s.seq_axes for s in b.side_inputs) == SIDE[name]
-        gathers = 1 + sum(len(s.seq_axes) for s in b.side_inputs) + 1  # x, side inputs' token axes, router scores
+        gathers = 1 + sum(len(s.seq_axes) for s in b.side_inputs)  # x and the side inputs' token axes
         counts = {r: roles.count(r) for r in set(roles)}
-        assert counts == {"router": 1, "sort": 2, "topk": 1, "gather": gathers, "scatter": 1}, b.name
+        # router: the score over S, its detach (ranking only) and the re-score of the k chosen tokens
+        assert counts == {"router": 3, "sort": 2, "topk": 1, "gather": gathers, "scatter": 1}, b.name
 
 
 def test_render_is_normalised(transformed):

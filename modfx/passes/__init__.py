@@ -4,6 +4,7 @@
     -> discover blocks                passes/discover.py
     -> insert routers                 passes/router.py
     -> route: top-k, gather, block on k tokens, scatter      passes/route_topk.py
+    -> re-score the chosen tokens (router grad on k only)    passes/rescore.py
     -> predictor branch (BCE aux loss, stats)                passes/predictor.py
     -> router aux loss (optional BCE on r itself)            passes/predictor.py
     -> FLOP budget check                                     passes/flops.py (run by modfx.transform)
@@ -22,9 +23,10 @@ from torch.fx import Graph
 
 from ..config import MoDConfig
 from .discover import Block, find_blocks
-from .router import insert_router
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
+from .rescore import rescore_chosen
 from .route_topk import route_topk
+from .router import insert_router
 
 
 @dataclasses.dataclass
@@ -51,6 +53,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         if mode == "topk":
             routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting)
             new_out = routed_block.out
+            if not config.router_aux_weight:  # the router aux loss needs r's gradient on all S tokens
+                rescore_chosen(graph, block, r, routed_block)
             if config.predictor:
                 new_out, block_stats = add_predictor_loss(graph, root, block, routed_block,
                                                           config.predictor_hidden, config.aux_loss_weight)

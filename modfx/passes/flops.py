@@ -123,7 +123,7 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
         return role, sympy.sympify(_data(n, role)), zero
     if op in _MM:
         fwd = sympy.sympify(_matmul(n, op))
-        needs = sum(1 for i in _MM[op] if i < len(n.args) and n.args[i] in grads)
+        needs = sum(1 for i in _MM[op] if i < len(n.args) and n.args[i] in grads) if n in grads else 0
         return role or "matmul", fwd, fwd * needs
     if op in _ATTN:
         q, k, v = _shapes(n.args[:3])
@@ -131,14 +131,27 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
         fwd = c * flop_registry[_SDPA](q, k, v)
         out = _shapes(n.meta["val"])
         out = out[0] if isinstance(out[0], tuple) else out
-        bwd = c * flop_registry[_SDPA_BWD](out, q, k, v) if any(a in grads for a in n.args[:3]) else 0
+        bwd = c * flop_registry[_SDPA_BWD](out, q, k, v) if n in grads and any(a in grads for a in n.args[:3]) else 0
         return role or "attention", sympy.sympify(fwd), sympy.sympify(bwd)
     return role or "other", zero, zero
 
 
 def needs_grad(graph: Graph, root=None) -> set[Node]:
     """Nodes whose value needs a gradient: parameters (as `root` has them, else as captured) and
-    floating results of differentiable ops on them."""
+    floating results of differentiable ops on them, that reach an output through differentiable ops
+    (a value read only through `detach`, such as a ranking score, gets no gradient)."""
+    depends = _depends_on_params(graph, root)
+    out: set[Node] = set()
+    todo = [a for a in graph.output_node().all_input_nodes if a in depends]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(a for a in n.all_input_nodes if a in depends)
+    return out
+
+
+def _depends_on_params(graph: Graph, root) -> set[Node]:
     out: set[Node] = set()
     for n in graph.nodes:
         v = n.meta.get("val")

@@ -46,6 +46,8 @@ from .graph_utils import aten, call, emit_sym_expr, expr, fake_mode_of, propagat
 class Routed:
     idx: Node  # [B, k] int64, sorted: the tokens that run the block
     out: Node  # the merged output [B, S, D]
+    x_chosen: Node  # xg [B, k, D]: the block input of the chosen tokens
+    r_chosen: Node  # rg [B, k, 1]: their router scores (the weighting reads it)
 
 
 def seq_len(graph: Graph, block: Block) -> Node | int:
@@ -158,7 +160,7 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         merged = call(graph, aten.scatter.src, (x, block.seq_axis, index, upd), stack=st, tag="scatter")
     for user in outside_users:
         user.replace_input_with(yg, merged)
-    return Routed(idx, merged)
+    return Routed(idx, merged, xg, rg)
 
 
 def contribution(graph: Graph, block: Block, x: Node) -> Node:
