@@ -49,6 +49,21 @@ def test_equals_hand_written_eager_reference(built, weighting):
     torch.testing.assert_close(mod(ids).logits, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("weighting", ["raw", "sigmoid"])
+def test_gradients_equal_hand_written_eager_reference(built, weighting):
+    name, model, _ = built
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=2, weighting=weighting)
+    ids = ids_of()
+    mod(ids).logits.pow(2).mean().backward()
+    reference = copy.deepcopy(model)
+    routers = {i: w.detach().clone().requires_grad_() for i, w in routers_of(mod, model).items()}
+    mod_forward(reference, ids, routers, 0.25, weighting).pow(2).mean().backward()
+    for i, w in routers.items():
+        torch.testing.assert_close(mod.get_parameter(f"layers.{i}.mod_router.weight").grad, w.grad, rtol=1e-4, atol=1e-6)
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(mod.get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_routed_block_changes_exactly_k_tokens_and_leaves_the_rest_bit_identical():
     model = llama.Llama(llama.LlamaConfig(n_layers=1, d_model=D, n_heads=H, vocab_size=V)).eval()
     mod = modfx.transform(model, (ids_of(),), capacity=0.25, blocks=(0,))
