@@ -17,10 +17,11 @@ Times are medians over interleaved rounds.
 --ops adds a per-op breakdown: each routing op of one block, compiled on its own
 (`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat),
 forward or, with --backward, forward + backward: router over S (ranking only), stable sort + slice +
-index sort, gathers of x / RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), scatter
-of x, predictor MLP (+ its target scatter and BCE); and, for comparison, the formulation before
-2026-12-04 (router over S with gradient, then a gather of r). In the real graph Inductor may fuse some of these, so the
-sum is an estimate, not a measurement of the routed block.
+index sort, gathers of x / RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), the
+scatter_add merge into x, predictor MLP (+ its target scatter and BCE); and, for comparison, the
+formulation before 2026-12-04 (router over S with gradient, then a gather of r; scatter of x_k + w*f).
+In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
+place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 """
 
 import argparse
@@ -136,8 +137,11 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     def router_with_gather(x, w, idx):  # before 2026-12-04: grad through the router over all S tokens
         return gather_r(F.linear(x, w), idx)
 
-    def scatter(x, idx, upd):
+    def scatter(x, idx, upd):  # before 2026-12-04: upd = x_k + w*f replaces the k rows
         return torch.scatter(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), upd)
+
+    def scatter_add(x, idx, delta):  # delta = w*f added at the k rows
+        return torch.scatter_add(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), delta)
 
     def predictor(x, idx, w1, b1, w2, b2):
         p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
@@ -150,9 +154,10 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
            ("gather x -> [B,k,D]", gather_x, (x, idx), (0,), True),
            ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), True),
            ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), True),
-           ("scatter x_k + w*f into x (out of place, [B,S,D])", scatter, (x, idx, upd), (0, 2), True),
+           ("scatter_add w*f into x at k rows (out of place, [B,S,D])", scatter_add, (x, idx, upd), (0, 2), True),
            ("predictor MLP over S + target scatter + BCE", predictor, (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), True),
-           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False)]
+           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False),
+           ("before: scatter x_k + w*f into x (not summed)", scatter, (x, idx, upd), (0, 2), False)]
     rows = []
     for name, fn, inp, needs, summed in ops:
         cli.log(f"op: {name}")

@@ -110,7 +110,7 @@ def _data(n: Node, role: str) -> sympy.Expr:
     if role == "gather":
         return math.prod(_shapes(n.meta["val"]))
     if role == "scatter":  # the routed tokens written (a masked `where` writes every element)
-        return math.prod(_shapes(n.args[3] if n.target is aten.scatter.src else n))
+        return math.prod(_shapes(n.args[3] if n.target in (aten.scatter.src, aten.scatter_add.default) else n))
     return sympy.Integer(0)
 
 

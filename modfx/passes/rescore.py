@@ -11,7 +11,7 @@ gathered inputs, which the block reads anyway:
         idx = topk(r)                                idx = topk(detach(r))      # ranking only
         xg  = gather(x, 1, idx)   # [B, k, D]        xg  = gather(x, 1, idx)    # [B, k, D]
         rg  = gather(r, 1, idx)   # [B, k, 1]        rg  = linear(xg, w)        # [B, k, 1], same values
-        y   = ... xg + w(rg) * f ...                 y   = ... xg + w(rg) * f ...
+        y   = scatter_add(x, 1, idx, w(rg) * f)          y   = scatter_add(x, 1, idx, w(rg) * f)
 
 Gradients are unchanged: d rg / d xg = w flows to x at the chosen tokens through the gather's backward,
 and d loss / d w = sum over chosen tokens of g_rg * xg, as before. The forward recomputes B*k*D

@@ -11,10 +11,13 @@
                                                   yg    = block(xg, cosg, maskg)               # the region, on k tokens
                                                   f     = sum(residual terms) or yg - xg       # contribution only
                                                   wg    = weighting(gather(r, 1, idx))         # [B, k, 1]
-                                                  y'    = scatter(x, 1, idx, xg + wg * f)      # others untouched
-                                                  use(y')
+                                                  y'    = scatter_add(x, 1, idx, wg * f)       # x + wg * f at the k
+                                                  use(y')                                      #   rows, others untouched
 
-The merge is a plain scatter of unique indices (deterministic, no atomics); the residual is added once.
+The merge adds into a copy of x at unique indices (every element written at most once, so deterministic),
+and the residual is added once. Its backward passes y's gradient to x unmasked and gathers the k rows
+for wg * f: cheaper than `scatter(x, 1, idx, xg + wg * f)`, whose backward masks the k rows of x's
+gradient and adds them back through xg, with the same forward values.
 Symbolic sizes the region read from the full sequence (S in view/reshape arguments) are re-derived with
 S -> k; when S is static (e.g. a patch count), literal S in the region's size arguments becomes k, after
 a check that S is no other size in the block (`_static_token_count`). The ordering sort is stable, so
@@ -155,9 +158,9 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         f = contribution(graph, block, xg)
         r_index = token_index(graph, idx, r, block.seq_axis, block.batch_axis, st)
         rg = call(graph, aten.gather.default, (r, block.seq_axis, r_index), stack=st, tag="gather")  # [B, k, 1]
-        upd = call(graph, aten.add.Tensor, (xg, _weighted(graph, f, rg, weighting, st)), stack=st)  # [B, k, D]
+        delta = _weighted(graph, f, rg, weighting, st)  # [B, k, D]
         index = token_index(graph, idx, x, block.seq_axis, block.batch_axis, st)
-        merged = call(graph, aten.scatter.src, (x, block.seq_axis, index, upd), stack=st, tag="scatter")
+        merged = call(graph, aten.scatter_add.default, (x, block.seq_axis, index, delta), stack=st, tag="scatter")
     for user in outside_users:
         user.replace_input_with(yg, merged)
     return Routed(idx, merged, xg, rg)
