@@ -22,6 +22,9 @@ scatter_add merge into x, predictor MLP (+ its target scatter and BCE); and, for
 formulation before 2026-12-04 (router over S with gradient, then a gather of r; scatter of x_k + w*f).
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
+The "in context" column times the ops that read or write the residual stream where they sit in the
+model: x produced by a residual add and read next by an RMSNorm, minus that context alone, in
+interleaved rounds (so fusion with both neighbours counts; small differences of noisy medians).
 """
 
 import argparse
@@ -120,6 +123,9 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     def router(x, w):
         return F.linear(x, w)
 
+    def router_rank(x, w):  # the score over S only ranks: no gradient
+        return F.linear(x, w).detach()
+
     def sort(r):
         order = torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1]
         return torch.sort(order[:, :k], dim=1)[0]
@@ -149,7 +155,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         return F.binary_cross_entropy_with_logits(p, target)
 
     # (name, fn, inputs, indices of the inputs that get a gradient in training, counted in the sum)
-    ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router, (x, w), (), True),
+    ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), True),
            ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), True),
            ("gather x -> [B,k,D]", gather_x, (x, idx), (0,), True),
            ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), True),
@@ -161,21 +167,9 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     rows = []
     for name, fn, inp, needs, summed in ops:
         cli.log(f"op: {name}")
-        c = torch.compile(fn, fullgraph=True)
-        inp = tuple(t.detach().requires_grad_(grad and i in needs) for i, t in enumerate(inp))
-        if grad and needs:
-            outs = c(*inp)
-            up = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
-            def call(c=c, inp=inp, up=up, needs=needs):
-                torch.autograd.grad(c(*inp), [inp[i] for i in needs], up)
-        else:
-            def call(c=c, inp=inp):
-                with torch.no_grad():
-                    c(*inp)
-        for _ in range(3):
-            call()
-        t = cli.time_ms(call, "cpu", args.op_repeat)
+        t = cli.time_ms(_op_call(fn, inp, needs, grad), "cpu", args.op_repeat)
         rows.append((name, statistics.median(t), min(t), summed))
+    context = in_context(args, ops, grad)
     kind = "forward + backward" if grad else "forward"
     print(f"\nrouting ops alone, each compiled separately, {kind}, median of {args.op_repeat} "
           f"(B={B} S={S} D={D} k={k} predictor {D}->{h}->1);\n% of the full block (dense2 - dense1 = {full_ms:.1f} ms) "
@@ -183,11 +177,78 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     pct = lambda v: (f"{100 * v / full_ms:.2f}%", f"{100 * v / routed_ms:.1f}%")  # noqa: E731
     routing = sum(m for n, m, _, summed in rows if summed and not n.startswith("predictor"))
     tot = routing + next(m for n, m, _, _ in rows if n.startswith("predictor"))
-    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m)) for n, m, mn, _ in rows]
-                   + [("sum without predictor", f"{routing:.3f}", "", *pct(routing)),
-                      ("sum with predictor", f"{tot:.3f}", "", *pct(tot))],
-                   headers=["op", "median ms", "min ms", "% of full block", "% of routed block"],
+    ctx = lambda n: f"{context[n]:.3f}" if n in context else ""  # noqa: E731
+    ctx_sum = lambda pred: sum(context.get(n, m) for n, m, _, summed in rows  # noqa: E731
+                               if summed and (pred or not n.startswith("predictor")))
+    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m), ctx(n)) for n, m, mn, _ in rows]
+                   + [("sum without predictor", f"{routing:.3f}", "", *pct(routing), f"{ctx_sum(False):.3f}"),
+                      ("sum with predictor", f"{tot:.3f}", "", *pct(tot), f"{ctx_sum(True):.3f}")],
+                   headers=["op", "median ms", "min ms", "% of full block", "% of routed block", "in context ms"],
                    disable_numparse=True))
+    print(f"in context: the op on x = a + b with RMSNorm(x) (or of the merged x) as the next consumer, minus that "
+          f"context alone; medians of {args.op_repeat} interleaved rounds; sums use the isolated time where no "
+          f"in-context time is given. With predictor: {100 * ctx_sum(True) / routed_ms:.1f}% of the routed block, "
+          f"without: {100 * ctx_sum(False) / routed_ms:.1f}%.")
+
+
+def _op_call(fn, inp, needs, grad):
+    """A compiled, warmed-up call of fn(*inp): forward under no_grad, or forward + autograd.grad for the
+    inputs at `needs` with a fixed random upstream gradient for every output that has one."""
+    c = torch.compile(fn, fullgraph=True)
+    inp = tuple(t.detach().requires_grad_(grad and i in needs) for i, t in enumerate(inp))
+    if grad and needs:
+        outs = c(*inp)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        up = [torch.randn_like(o) if o.requires_grad else None for o in outs]
+
+        def call():
+            got = c(*inp)
+            got = got if isinstance(got, tuple) else (got,)
+            pairs = [(o, u) for o, u in zip(got, up) if u is not None]
+            torch.autograd.grad([o for o, _ in pairs], [inp[i] for i in needs], [u for _, u in pairs], allow_unused=True)
+    else:
+        def call():
+            with torch.no_grad():
+                c(*inp)
+    for _ in range(3):
+        call()
+    return call
+
+
+def in_context(args, ops, grad) -> dict[str, float]:
+    """Each op that reads or writes the residual stream x, timed where it sits in the model: x comes out of
+    a residual add (a + b) and is read next by an RMSNorm, so Inductor can fuse the op with both, as it
+    does in the routed graph. Returns median(context + op) - median(context alone) per op name, timed in
+    interleaved rounds."""
+    B, S, D = args.batch, args.seq, args.d_model
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def base(a, b):
+        return rms(a + b)
+
+    def wrap(fn, merges):
+        def with_context(a, b, *rest):
+            x = a + b
+            out = fn(x, *rest)
+            return rms(out) if merges else (rms(x), out)
+        return with_context
+
+    calls = {"context": _op_call(base, (a, b), (0,), grad)}
+    for name, fn, inp, needs, _ in ops:
+        if inp[0].shape == (B, S, D):  # ops on x itself
+            cli.log(f"op in context: {name}")
+            merges = "scatter" in fn.__name__
+            calls[name] = _op_call(wrap(fn, merges), (a, b, *inp[1:]), (0, *(i + 1 for i in needs if i)), grad)
+    times = {n: [] for n in calls}
+    for _ in range(args.op_repeat):
+        for n, call in calls.items():
+            times[n] += cli.time_ms(call, "cpu", 1)
+    alone = statistics.median(times.pop("context"))
+    return {n: statistics.median(t) - alone for n, t in times.items()}
 
 
 if __name__ == "__main__":
