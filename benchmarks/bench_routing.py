@@ -23,7 +23,7 @@ formulation before 2026-12-04 (router over S with gradient, then a gather of r; 
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
-model: x produced by a residual add and read next by an RMSNorm, minus that context alone, in
+model: x produced by a residual add, kept, and read next by an RMSNorm, minus that context alone, in
 interleaved rounds (so fusion with both neighbours counts; small differences of noisy medians).
 """
 
@@ -185,7 +185,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
                       ("sum with predictor", f"{tot:.3f}", "", *pct(tot), f"{ctx_sum(True):.3f}")],
                    headers=["op", "median ms", "min ms", "% of full block", "% of routed block", "in context ms"],
                    disable_numparse=True))
-    print(f"in context: the op on x = a + b with RMSNorm(x) (or of the merged x) as the next consumer, minus that "
+    print(f"in context: the op on x = a + b (kept) with RMSNorm(x) (or of the merged x) as the next consumer, minus that "
           f"context alone; medians of {args.op_repeat} interleaved rounds; sums use the isolated time where no "
           f"in-context time is given. With predictor: {100 * ctx_sum(True) / routed_ms:.1f}% of the routed block, "
           f"without: {100 * ctx_sum(False) / routed_ms:.1f}%.")
@@ -217,8 +217,8 @@ def _op_call(fn, inp, needs, grad):
 
 def in_context(args, ops, grad) -> dict[str, float]:
     """Each op that reads or writes the residual stream x, timed where it sits in the model: x comes out of
-    a residual add (a + b) and is read next by an RMSNorm, so Inductor can fuse the op with both, as it
-    does in the routed graph. Returns median(context + op) - median(context alone) per op name, timed in
+    a residual add (a + b), is kept (an output, as in the model, where several ops read it) and is read
+    next by an RMSNorm, so Inductor can fuse the op with both, as it does in the routed graph. Returns median(context + op) - median(context alone) per op name, timed in
     interleaved rounds."""
     B, S, D = args.batch, args.seq, args.d_model
     g = torch.Generator().manual_seed(1)
@@ -227,14 +227,15 @@ def in_context(args, ops, grad) -> dict[str, float]:
     def rms(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-    def base(a, b):
-        return rms(a + b)
+    def base(a, b):  # x is a model output here as in the model, where several ops read it
+        x = a + b
+        return x, rms(x)
 
     def wrap(fn, merges):
         def with_context(a, b, *rest):
             x = a + b
             out = fn(x, *rest)
-            return rms(out) if merges else (rms(x), out)
+            return (out, rms(out)) if merges else (x, rms(x), out)
         return with_context
 
     calls = {"context": _op_call(base, (a, b), (0,), grad)}
