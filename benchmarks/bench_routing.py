@@ -218,7 +218,8 @@ def _op_call(fn, inp, needs, grad):
 def in_context(args, ops, grad) -> dict[str, float]:
     """Each op that reads or writes the residual stream x, timed where it sits in the model: x comes out of
     a residual add (a + b), is kept (an output, as in the model, where several ops read it) and is read
-    next by an RMSNorm, so Inductor can fuse the op with both, as it does in the routed graph. Returns median(context + op) - median(context alone) per op name, timed in
+    next by an RMSNorm (of the merged x, for the merges), so Inductor can fuse the op with both, as it
+    does in the routed graph. Returns median(context + op) - median(context alone) per op name, timed in
     interleaved rounds."""
     B, S, D = args.batch, args.seq, args.d_model
     g = torch.Generator().manual_seed(1)
@@ -242,7 +243,7 @@ def in_context(args, ops, grad) -> dict[str, float]:
     for name, fn, inp, needs, _ in ops:
         if inp[0].shape == (B, S, D):  # ops on x itself
             cli.log(f"op in context: {name}")
-            merges = "scatter" in fn.__name__
+            merges = fn.__name__ in ("scatter", "scatter_add")  # returns the new residual stream
             calls[name] = _op_call(wrap(fn, merges), (a, b, *inp[1:]), (0, *(i + 1 for i in needs if i)), grad)
     times = {n: [] for n in calls}
     for _ in range(args.op_repeat):
