@@ -1,14 +1,15 @@
 """Measured vs FLOP-ideal speedup of compiled MoD over compiled dense, as a function of capacity (issue 5).
 
     python benchmarks/capacity_sweep.py [--layers 8 --d-model 256 --seq 512 --batch 2] [--quick]
+    python benchmarks/capacity_sweep.py --device cuda --dtype bfloat16 --tag gpu ...   # on a GPU
 
-Reference llama (random weights), fp32, forward in eval mode under no_grad. Dense is compiled once
+Reference llama (random weights), fp32 by default, forward in eval mode under no_grad. Dense is compiled once
 (`torch.compile(m, fullgraph=True)`); for every capacity, `modfx.transform(dense, capacity=c, every=2,
 predictor=False)` (the predictor is off so that only top-k routing is measured) is compiled the same way.
 Every variant gets --warmup untimed steps, then --repeat timed steps interleaved across variants (one
 round = one step of each), so load drift hits all alike; medians are reported.
 Ideal speedup = modfx.flops(dense).total_at / modfx.flops(mod).total_at (forward FLOPs).
-Writes <out>/capacity_sweep.json and capacity_sweep.png (plot skipped if matplotlib is missing).
+Writes <out>/capacity_sweep[_<tag>].json and .png (plot skipped if matplotlib is missing).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def plot(res: dict, path: str) -> bool:
     ax.set_xlabel("capacity (fraction of tokens through each routed block)")
     ax.set_ylabel("speedup vs dense compiled")
     c = res["config"]
-    ax.set_title(f"llama L={c['layers']} d={c['d_model']} S={c['seq']} B={c['batch']} fp32 fwd, "
+    ax.set_title(f"llama L={c['layers']} d={c['d_model']} S={c['seq']} B={c['batch']} {c['dtype']} {c['device']} fwd, "
                  f"every {c['every']} routed", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--tag", help="suffix of the output files' names")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 capacities, 2 timed steps (seconds)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -86,8 +90,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg = llama.LlamaConfig(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
                             vocab_size=args.vocab, max_seq_len=max(2048, args.seq + 1))
-    dense = llama.Llama(cfg).eval()
+    dense = llama.Llama(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     dense_flops = modfx.flops(dense, (ids,)).total_at
 
     models, info = {"dense": dense}, {}
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
         compile_s[name] = time.perf_counter() - t
         steps[name] = step
     cli.log(f"{args.warmup} warmup + {args.repeat} timed rounds over {len(steps)} variants")
-    times = cli.round_robin(steps, "cpu", args.warmup, args.repeat)
+    times = cli.round_robin(steps, args.device, args.warmup, args.repeat)
     med = {n: statistics.median(t) for n, t in times.items()}
 
     rows = []
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     }
 
     print(f"capacity sweep: llama L={args.layers} d={args.d_model} heads={args.heads} B={args.batch} S={args.seq} "
-          f"fp32 forward (eval, no_grad), every {args.every} routed, predictor off, "
+          f"{args.dtype} {args.device} forward (eval, no_grad), every {args.every} routed, predictor off, "
           f"median of {args.repeat} after {args.warmup} warmup, {torch.get_num_threads()} threads")
     print(f"dense compiled: {dense_flops / 1e9:.3f} GFLOPs, median {med['dense']:.1f} ms "
           f"({min(times['dense']):.1f}-{max(times['dense']):.1f})")
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
                    disable_numparse=True))
     print(f"load average (1 min) {load_start[0]:.2f} at start, {res['machine']['loadavg_1_5_15min_at_end'][0]:.2f} at end; "
           f"wall {res['wall_s']:.0f} s")
-    stem = "capacity_sweep_quick" if args.quick else "capacity_sweep"
+    stem = "capacity_sweep" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     import json
 
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
