@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                 # 12 layers, d 768, prompt 128, 256 new tokens, batch 1 and 8
     python benchmarks/decode.py --quick         # seconds
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --d-model 2048 --heads 16   # on a GPU
 
 The MoD model is the reference llama transformed at capacity 0.125 every other block. Its predictors are
 untrained, so each one's output bias is calibrated to select `capacity` of the tokens (what a trained
@@ -38,7 +39,7 @@ def calibrate(mod, model, ids, capacity):
             block = mod.get_submodule(f"layers.{i}")
             if hasattr(block, "mod_predictor"):
                 logits = block.mod_predictor(x).flatten()
-                block.mod_predictor[2].bias -= torch.quantile(logits, 1 - capacity)
+                block.mod_predictor[2].bias -= torch.quantile(logits.float(), 1 - capacity).to(logits.dtype)
             x = layer(x, cos, sin)
 
 
@@ -61,12 +62,12 @@ def recalibrate(mod, seq, capacity, steps=12, span=4.0):
             bias.copy_(base + (lo + hi) / 2)
 
 
-def decode_seconds(mod, ids, new, repeat):
+def decode_seconds(mod, ids, new, repeat, device="cpu"):
     """Seconds of `new - 1` decode steps, dense and MoD: each generate timed whole and with 1 new token
     (the prefill, subtracted), all four interleaved round by round (`cli.round_robin`)."""
     steps = {(v, n): (lambda v=v, n=n: modfx.generate(mod, ids, n, compile=True, dense=v == "dense"))
              for v in ("dense", "mod") for n in (1, new)}
-    ms = {k: statistics.median(t) for k, t in cli.round_robin(steps, "cpu", 1, repeat).items()}
+    ms = {k: statistics.median(t) for k, t in cli.round_robin(steps, device, 1, repeat).items()}
     return {v: (ms[v, new] - ms[v, 1]) / 1e3 for v in ("dense", "mod")}
 
 
@@ -94,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--capacity", type=float, default=0.125)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="calibration rounds on the MoD's own continuation")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -101,11 +104,11 @@ def main(argv=None):
         a.layers, a.d_model, a.heads, a.prompt, a.new, a.batch, a.repeat = 4, 64, 4, 16, 8, [1, 2], 1
     torch.manual_seed(0)
     cfg = llama.LlamaConfig(n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, vocab_size=256)
-    model = llama.Llama(cfg).eval()
+    model = llama.Llama(cfg).to(device=a.device, dtype=getattr(torch, a.dtype)).eval()
     ideal = 1 / (0.5 + 0.5 * a.capacity)  # every other block routed; a skipped block costs nothing
     rows, record = [], []
     for B in a.batch:
-        ids = torch.randint(0, 256, (B, a.prompt))
+        ids = torch.randint(0, 256, (B, a.prompt)).to(a.device)
         mod = modfx.transform(model, (ids,), capacity=a.capacity, every=2).eval()
         # calibrated on the prompt and its dense greedy continuation: the kind of tokens decoding will see
         calibrate(mod, model, modfx.generate(mod, ids, a.new, dense=True), a.capacity)
@@ -113,7 +116,7 @@ def main(argv=None):
             recalibrate(mod, modfx.generate(mod, ids, a.new)[:1], a.capacity)
         steps = a.new - 1
         print(f"batch {B}: timing dense and MoD decode ...", file=sys.stderr)
-        secs = decode_seconds(mod, ids, a.new, a.repeat)
+        secs = decode_seconds(mod, ids, a.new, a.repeat, a.device)
         dense_s, mod_s = secs["dense"], secs["mod"]
         dense_tps, mod_tps = B * steps / dense_s, B * steps / mod_s
         runs = routed_block_runs(mod, ids, a.new)
@@ -126,7 +129,8 @@ def main(argv=None):
                                   "ideal at that rate", "ideal at capacity"]))
     if a.json:
         meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.platform(),
-                    cpus=torch.get_num_threads(), args=vars(a))
+                    cpus=torch.get_num_threads(), args=vars(a),
+                    gpu=torch.cuda.get_device_name() if a.device == "cuda" else None)
         with open(a.json, "w") as f:
             json.dump(dict(meta=meta, rows=record), f, indent=2)
 

@@ -240,7 +240,10 @@ class Names:
                 name = "k" if len(distinct) == 1 else f"k_{list(blocks).index(b) if b in blocks else b}"
                 table[e] = sympy.Symbol(name, **pos)
         try:
-            hints = {s: int(v) for s, v in fake_mode_of(graph).shape_env.backed_var_to_val.items()}
+            env = fake_mode_of(graph).shape_env
+            # torch >= 2.13 names it backed_var_to_val; torch 2.11 var_to_val (deprecated since)
+            vals = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+            hints = {s: int(v) for s, v in vals.items()}
         except (RuntimeError, AttributeError):
             hints = {}
         return Names(table, hints, S, k, length)
