@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import sympy
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
@@ -29,7 +30,9 @@ def val_of(arg: Any) -> Any:
 
 
 def run_fake(target: Callable, args: tuple, kwargs: dict, fake_mode) -> Any:
-    with fake_mode:
+    # The Python dispatcher (as in export's own tracing) runs composite ops such as linear through their
+    # SymInt-aware decompositions; without it torch 2.11 reads sizes as ints and specializes B and S.
+    with fake_mode, enable_python_dispatcher():
         return target(*val_of(args), **val_of(kwargs))
 
 
