@@ -64,6 +64,19 @@ def test_gradients_equal_hand_written_eager_reference(built, weighting):
         torch.testing.assert_close(mod.get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_rewritten_graph_keeps_batch_and_sequence_symbolic(built):
+    # Inserted nodes are fake-run to fill meta['val']; a run that reads a symbolic size as an int
+    # (torch 2.11's linear without the Python dispatcher) specializes B and S for the whole graph.
+    _, _, mod = built
+    graph = mod.modfx_graphs[("topk", False)]
+    routers = [n for n in graph.nodes if n.meta.get("modfx_role") == "router"]
+    assert routers
+    for n in routers:
+        batch, seq = n.meta["val"].shape[:2]
+        assert isinstance(batch, torch.SymInt) and isinstance(seq, torch.SymInt), n.meta["val"].shape
+        assert not batch.node.expr.is_number and not seq.node.expr.is_number, n.meta["val"].shape
+
+
 def test_routed_block_changes_exactly_k_tokens_and_leaves_the_rest_bit_identical():
     model = llama.Llama(llama.LlamaConfig(n_layers=1, d_model=D, n_heads=H, vocab_size=V)).eval()
     mod = modfx.transform(model, (ids_of(),), capacity=0.25, blocks=(0,))
