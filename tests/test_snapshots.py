@@ -30,6 +30,9 @@ from modfx.snapshot import render
 SNAPSHOTS = pathlib.Path(__file__).parent / "snapshots"
 UPDATE = os.environ.get("MODFX_UPDATE_SNAPSHOTS") == "1"
 V, S = 128, 16
+# The Hugging Face snapshots are of the transformers release the test extra pins (pyproject.toml); another
+# release may build its models with other ops, so there they are skipped, not failed.
+SNAPSHOT_TRANSFORMERS = "5.23.0"
 
 
 def _hf(cls_name, config_name, **kw):
@@ -64,6 +67,11 @@ def transformed(request):
 
 def test_graph_matches_snapshot(transformed):
     name, mod = transformed
+    if name.startswith("hf_"):
+        import transformers
+
+        if transformers.__version__ != SNAPSHOT_TRANSFORMERS and not UPDATE:
+            pytest.skip(f"snapshot of transformers {SNAPSHOT_TRANSFORMERS}, {transformers.__version__} installed")
     text = render(mod.modfx_graphs[("topk", False)])
     path = SNAPSHOTS / f"{name}.txt"
     if UPDATE:
@@ -98,6 +106,11 @@ def test_routing_nodes_per_block(transformed):
 
 def test_render_is_normalised(transformed):
     name, mod = transformed
+    if name.startswith("hf_"):
+        import transformers
+
+        if transformers.__version__ != SNAPSHOT_TRANSFORMERS and not UPDATE:
+            pytest.skip(f"snapshot of transformers {SNAPSHOT_TRANSFORMERS}, {transformers.__version__} installed")
     text = render(mod.modfx_graphs[("topk", False)])
     assert "/" not in text.replace("//", "")  # no file paths (// is floor division in sizes)
     assert not re.search(r"\bs\d+\b", text)  # export's symbols (s72) are renamed B, S, k
