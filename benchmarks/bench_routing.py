@@ -1,6 +1,7 @@
 """Routing overhead of one routed block, with modfx's own graphs compiled by Inductor.
 
     python benchmarks/bench_routing.py [--d-model 512 --seq 1024 --batch 4 --capacity 0.125] [--backward]
+    python benchmarks/bench_routing.py --device cuda --dtype bfloat16 --d-model 2048 --heads 16 --seq 4096 --batch 8 --ops
 
 Reference llamas at the target's width, all compiled with `torch.compile(m, fullgraph=True)`:
     dense1   1 layer                       embedding + block 0 + head
@@ -52,13 +53,17 @@ def main():
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--ops", action="store_true", help="also time each routing op alone")
     ap.add_argument("--op-repeat", type=int, default=30)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
+    args.to = lambda t: t.to(args.device, getattr(torch, args.dtype) if t.is_floating_point() else t.dtype)
 
     torch.manual_seed(0)
-    ids = torch.randint(0, 256, (args.batch, args.seq))
+    ids = torch.randint(0, 256, (args.batch, args.seq)).to(args.device)
     cfg = lambda n: llama.LlamaConfig(n_layers=n, d_model=args.d_model, n_heads=args.heads,  # noqa: E731
                                       max_seq_len=max(2048, args.seq))
-    dense1, dense2 = llama.Llama(cfg(1)).eval(), llama.Llama(cfg(2)).eval()
+    place = dict(device=args.device, dtype=getattr(torch, args.dtype))
+    dense1, dense2 = llama.Llama(cfg(1)).to(**place).eval(), llama.Llama(cfg(2)).to(**place).eval()
     models = {"dense1": dense1, "dense2": dense2}
     for name, cap, pred in (("mod", args.capacity, True), ("mod_k2", 2 / args.seq, True), ("mod_k2np", 2 / args.seq, False)):
         cli.log(f"transforming {name}")
@@ -79,11 +84,11 @@ def main():
         steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ids, args.backward)
         steps[name]()
     cli.log(f"{args.warmup} warmup + {args.repeat} timed rounds")
-    times = cli.round_robin(steps, "cpu", args.warmup, args.repeat)
+    times = cli.round_robin(steps, args.device, args.warmup, args.repeat)
     med = {n: statistics.median(t) for n, t in times.items()}
 
     kind = "fwd+bwd" if args.backward else "forward"
-    print(f"routing overhead, one block: llama d={args.d_model} B={args.batch} S={args.seq} fp32, {kind}, "
+    print(f"routing overhead, one block: llama d={args.d_model} B={args.batch} S={args.seq} {args.dtype} {args.device}, {kind}, "
           f"capacity {args.capacity} (k={modfx.MoDConfig(capacity=args.capacity).k(args.seq)}), "
           f"{torch.get_num_threads()} threads, median of {args.repeat}")
     print(tabulate([(n, f"{med[n]:.1f}", f"{min(t):.1f}-{max(t):.1f}") for n, t in times.items()],
@@ -117,6 +122,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     idx = torch.sort(torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1][:, :k], dim=1)[0]
     xg, upd = torch.randn(B, k, D, generator=g), torch.randn(B, k, D, generator=g)
     w1, b1, w2, b2 = torch.randn(h, D, generator=g) / D ** 0.5, torch.zeros(h), torch.randn(1, h, generator=g) / h ** 0.5, torch.zeros(1)
+    x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2 = map(args.to, (x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2))
     F = torch.nn.functional
     grad = args.backward
 
@@ -167,7 +173,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     rows = []
     for name, fn, inp, needs, summed in ops:
         cli.log(f"op: {name}")
-        t = cli.time_ms(_op_call(fn, inp, needs, grad), "cpu", args.op_repeat)
+        t = cli.time_ms(_op_call(fn, inp, needs, grad), args.device, args.op_repeat)
         rows.append((name, statistics.median(t), min(t), summed))
     context = in_context(args, ops, grad)
     kind = "forward + backward" if grad else "forward"
@@ -223,7 +229,7 @@ def in_context(args, ops, grad) -> dict[str, float]:
     interleaved rounds."""
     B, S, D = args.batch, args.seq, args.d_model
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+    a, b = args.to(torch.randn(B, S, D, generator=g)), args.to(torch.randn(B, S, D, generator=g))
 
     def rms(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -248,7 +254,7 @@ def in_context(args, ops, grad) -> dict[str, float]:
     times = {n: [] for n in calls}
     for _ in range(args.op_repeat):
         for n, call in calls.items():
-            times[n] += cli.time_ms(call, "cpu", 1)
+            times[n] += cli.time_ms(call, args.device, 1)
     alone = statistics.median(times.pop("context"))
     return {n: statistics.median(t) - alone for n, t in times.items()}
 

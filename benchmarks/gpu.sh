@@ -4,6 +4,7 @@
 #   sweep   capacity sweep (measured vs FLOP-ideal speedup), 4 layers of the same width
 #   hf      `modfx bench --hf llama` (transformers' LlamaForCausalLM from a config), fwd+bwd
 #   decode  decode throughput with KV caches, dense vs MoD, batch 1 and 64
+#   routing routing ops per routed block, alone and in context, fwd+bwd (benchmarks/bench_routing.py)
 #
 #     OUT=benchmarks/results/gpu BUDGET_S=540 STAGES="bench sweep" bash benchmarks/gpu.sh
 #
@@ -11,7 +12,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET_S=${BUDGET_S:-900}
-STAGES=${STAGES:-bench sweep hf decode}
+STAGES=${STAGES:-bench sweep hf decode routing}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 start=$SECONDS
@@ -42,5 +43,9 @@ fi
 if has decode; then
   timeout "$(limit 300)" python3 benchmarks/decode.py --device cuda --dtype bfloat16 --layers 12 --d-model 2048 \
     --heads 16 --prompt 128 --new 256 --batch 1 64 --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.txt"
+fi
+if has routing; then
+  timeout "$(limit 300)" python3 benchmarks/bench_routing.py --device cuda --dtype bfloat16 --d-model 2048 --heads 16 \
+    --seq 4096 --batch 8 --ops --backward 2>&1 | tee "$OUT/gpu_routing_backward.txt"
 fi
 ls -la "$OUT"
