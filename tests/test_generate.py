@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import modfx
+from modfx.generate import decoder
 from modfx.models import llama
 from modfx.models.common import rope_at
 
@@ -50,6 +51,30 @@ def recompute(mod, ids, n):
 def test_cached_generation_equals_recomputing_the_sequence():
     model, mod, ids = make()
     half_selecting(mod, model, ids)
+    got_ids, got_logits = modfx.generate(mod, ids, N, return_logits=True)
+    want_ids, want_logits = recompute(mod, ids, N)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+
+
+def test_grouped_query_caches_hold_only_the_kv_heads():
+    # 4 query heads share 2 kv heads: the prefill hands the caches [B, 2, P, hd], not the repeated 4 heads
+    _, mod, ids = make()
+    dec = decoder(mod)
+    outs = dec.prefill(mod, ids)
+    first = dec.out_spec.num_leaves + dec.n_stats
+    kv = outs[first:first + 2 * len(dec.sig.attention)]
+    assert {tuple(t.shape) for t in kv} == {(2, 2, P, 8)}
+
+
+def test_cached_generation_of_a_hugging_face_gqa_model_equals_recomputing_the_sequence():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(model, (ids,), capacity=0.25).eval()
     got_ids, got_logits = modfx.generate(mod, ids, N, return_logits=True)
     want_ids, want_logits = recompute(mod, ids, N)
     assert torch.equal(got_ids, want_ids)

@@ -27,6 +27,13 @@ and for every routed block:
 Caches are graph inputs (Kc, Vc per attention op, len per block); `modfx.generate` owns them and writes
 each step's k, v at slot len[b], advancing len only for the rows whose token entered the block.
 
+Grouped-query attention: when the attention's k and v are their Hk-head sources repeated per query group
+(`repeat_interleave(k, r, 1)`, or `expand(k[:, :, None], [B, Hk, r, S, hd]).reshape(B, Hk*r, S, hd)`),
+the caches hold the Hk heads and the decode attention reads them with `enable_gqa=True`:
+
+    before:  y = sdpa(q, repeat(k), repeat(v), ...)      after:  K = cat(Kc, k, 2)      # [B, Hk, L+S, hd]
+                                                                 y = sdpa(q, K, V, valid, enable_gqa=True)
+
 Contract: requires blocks whose attention is `aten.scaled_dot_product_attention` with one query token at
 decode; ensures the decode graph's extra inputs and outputs are listed in `DecodeSignature`.
 """
@@ -64,12 +71,86 @@ def _qkv(a: Node):
     return a.args[0], a.args[1], a.args[2]
 
 
+def _cached_kv(a: Node) -> tuple[Node, Node, bool]:
+    """The k and v a cache holds for attention `a`: their Hk-head sources when both are repeated per
+    query group (then True: the decode attention uses enable_gqa), else the attention's own inputs."""
+    _, k, v = _qkv(a)
+    ks, vs = _group_source(k), _group_source(v)
+    if ks and vs and ks[1] == vs[1]:
+        return ks[0], vs[0], True
+    return k, v, False
+
+
+def _group_source(t: Node) -> tuple[Node, int] | None:
+    """(src, r) if t [B, Hk*r, S, hd] is src [B, Hk, S, hd] with each head repeated r times in place
+    (each query group reads its own kv head): repeat_interleave(src, r, 1), or unsqueeze(src, 2) expanded
+    to [B, Hk, r, S, hd] and reshaped (clones and full slices allowed between); else None."""
+    shape = _shape(t)
+    if shape is None or len(shape) != 4:
+        return None
+    if t.target is aten.repeat_interleave.self_int:
+        src, r = t.args[0], t.args[1]
+        dim = t.args[2] if len(t.args) > 2 else t.kwargs.get("dim")
+        if isinstance(r, int) and r > 1 and dim in (1, -3):
+            return src, r
+        return None
+    if t.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return None
+    e = _skip(t.args[0], clones=True)
+    if e.target is not aten.expand.default:
+        return None
+    big, one = _shape(e), _shape(e.args[0])
+    u = _skip(e.args[0])
+    if u.target is not aten.unsqueeze.default or u.args[1] not in (2, -3) or big is None or len(big) != 5:
+        return None
+    src = _skip(u.args[0])
+    small = _shape(src)
+    r = big[2]
+    if small is None or len(small) != 4 or one[2] != 1 or not (isinstance(r, int) and r > 1):
+        return None
+    if [big[0], big[1], big[3], big[4]] != list(small) or list(shape) != [small[0], small[1] * r, small[2], small[3]]:
+        return None
+    return src, r
+
+
+def _shape(n: Node):
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return list(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _skip(n: Node, clones: bool = False) -> Node:
+    """n without the full slices (and, with clones=True, copies) that lead to it."""
+    while isinstance(n, Node):
+        if n.target is aten.slice.Tensor and _full_slice(n):
+            n = n.args[0]
+        elif clones and n.target in (aten.clone.default, aten.contiguous.default):
+            n = n.args[0]
+        else:
+            return n
+    return n
+
+
+def _full_slice(n: Node) -> bool:
+    dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+    return start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
+
+
+def _erase_unused(n: Node) -> None:
+    """Erase n and, recursively, its inputs once nothing uses them (the repeats a GQA cache made dead)."""
+    if not isinstance(n, Node) or n.op != "call_function" or n.users or n.is_impure():
+        return
+    inputs = n.all_input_nodes
+    n.graph.erase_node(n)
+    for i in inputs:
+        _erase_unused(i)
+
+
 def expose_prefill(graph: Graph, blocks: list[Block], sel_of: dict[int, Node]) -> None:
     """Append to the predictor-routing graph's outputs: k, v of each attention op, then sel per routed block."""
     extra = []
     for b in blocks:
         for a in attention_ops(b):
-            _, k, v = _qkv(a)
+            k, v, _ = _cached_kv(a)
             extra += [k, v]
     out = graph.output_node()
     out.args = (tuple(out.args[0]) + tuple(extra) + tuple(sel_of[i] for i in sorted(sel_of)),)
@@ -93,7 +174,7 @@ def rewrite_decode(graph: Graph, root: nn.Module, blocks: list[Block], routed: t
                 lens_val = torch.empty((B,), dtype=torch.int64, device=b.x.meta["val"].device)
             lens = last_ph = _placeholder(graph, f"cache_len_{b.index}", lens_val)
         for j, a in enumerate(attn):
-            _, k, v = _qkv(a)
+            k, v, _ = _cached_kv(a)
             with fake_mode:
                 shape = list(k.meta["val"].shape)
                 shape[-2] = _DUMMY_LEN
@@ -131,7 +212,8 @@ def _placeholder(graph: Graph, name: str, val: torch.Tensor) -> Node:
 
 def _attend_over_cache(graph: Graph, b: Block, a: Node, kc: Node, vc: Node, lens: Node) -> None:
     st = b.stack
-    q, k, v = _qkv(a)
+    q, k_in, v_in = _qkv(a)
+    k, v, gqa = _cached_kv(a)
     with graph.inserting_before(a):
         K = call(graph, aten.cat.default, ([kc, k], -2), stack=st)
         V = call(graph, aten.cat.default, ([vc, v], -2), stack=st)
@@ -151,6 +233,10 @@ def _attend_over_cache(graph: Graph, b: Block, a: Node, kc: Node, vc: Node, lens
     a.meta["modfx_new_kv"] = (k, v)  # this step's keys and values, before the cache was prepended
     a.args = (q, K, V, mask, dropout, False)
     a.kwargs = {kk: vv for kk, vv in a.kwargs.items() if kk not in ("attn_mask", "dropout_p", "is_causal")}
+    if gqa:
+        a.kwargs = {**a.kwargs, "enable_gqa": True}
+        _erase_unused(k_in)
+        _erase_unused(v_in)
     a.meta["val"] = run_fake(a.target, a.args, a.kwargs, fake_mode_of(graph))
 
 
