@@ -62,7 +62,7 @@ def main():
     ids = torch.randint(0, 256, (args.batch, args.seq)).to(args.device)
     cfg = lambda n: llama.LlamaConfig(n_layers=n, d_model=args.d_model, n_heads=args.heads,  # noqa: E731
                                       max_seq_len=max(2048, args.seq))
-    place = dict(device=args.device, dtype=getattr(torch, args.dtype))
+    place = {"device": args.device, "dtype": getattr(torch, args.dtype)}
     dense1, dense2 = llama.Llama(cfg(1)).to(**place).eval(), llama.Llama(cfg(2)).to(**place).eval()
     models = {"dense1": dense1, "dense2": dense2}
     for name, cap, pred in (("mod", args.capacity, True), ("mod_k2", 2 / args.seq, True), ("mod_k2np", 2 / args.seq, False)):

@@ -121,17 +121,15 @@ def _shape(n: Node):
 def _skip(n: Node, clones: bool = False) -> Node:
     """n without the full slices (and, with clones=True, copies) that lead to it."""
     while isinstance(n, Node):
-        if n.target is aten.slice.Tensor and _full_slice(n):
-            n = n.args[0]
-        elif clones and n.target in (aten.clone.default, aten.contiguous.default):
-            n = n.args[0]
-        else:
+        full_slice = n.target is aten.slice.Tensor and _full_slice(n)
+        if not (full_slice or (clones and n.target in (aten.clone.default, aten.contiguous.default))):
             return n
+        n = n.args[0]
     return n
 
 
 def _full_slice(n: Node) -> bool:
-    dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+    _, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]  # dim, start, end, step
     return start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
 
 
