@@ -89,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, help="grouped-query attention: kv heads (default: --heads)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -103,7 +104,8 @@ def main(argv=None):
     if a.quick:
         a.layers, a.d_model, a.heads, a.prompt, a.new, a.batch, a.repeat = 4, 64, 4, 16, 8, [1, 2], 1
     torch.manual_seed(0)
-    cfg = llama.LlamaConfig(n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, vocab_size=256)
+    cfg = llama.LlamaConfig(n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, n_kv_heads=a.kv_heads or a.heads,
+                            vocab_size=256, max_seq_len=max(2048, a.prompt + a.new))
     model = llama.Llama(cfg).to(device=a.device, dtype=getattr(torch, a.dtype)).eval()
     ideal = 1 / (0.5 + 0.5 * a.capacity)  # every other block routed; a skipped block costs nothing
     rows, record = [], []
