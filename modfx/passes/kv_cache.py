@@ -7,15 +7,13 @@ Prefill (the predictor-routing graph of the whole prompt) gains outputs:
     outputs += (k, v) of every attention op      # [B, Hk, S, hd], RoPE already applied at true positions
     outputs += sel of every routed block         # [B, S] bool: which tokens enter its cache
 
-Decode (a capture of one new token with its absolute position), for every attention op, attention over
-the cache in two parts, so that the cache is read in place and never copied (q grouped per kv head):
+Decode (a capture of one new token with its absolute position), for every attention op:
 
     before:                                     after:
-        y = sdpa(q, k, v, mask, causal)             qg = q.reshape(B, Hk, r * S, hd) * scale  # r = H // Hk
-                                                    sc = where(arange(L) < len[:, None], qg @ Kc^T, -inf)  # cache
-                                                    sn = where(tril(ones(S, S)), qg @ k^T, -inf)  # new tokens
-                                                    p  = softmax(cat(sc, sn), -1)         # float32
-                                                    y  = (p[..., :L] @ Vc + p[..., L:] @ v).reshape(B, H, S, hd)
+        y = sdpa(q, k, v, mask, causal)             K = cat(Kc, k, 2); V = cat(Vc, v, 2)     # [B, Hk, L+S, hd]
+                                                    valid = cat(arange(L) < len[:, None],     # [B, 1, S, L+S]
+                                                                tril(ones(S, S)))  # S new tokens
+                                                    y = sdpa(q, K, V, valid)
                                                     outputs += (k, v)   # the caller appends them
 
 and for every routed block:
@@ -31,7 +29,10 @@ each step's k, v at slot len[b], advancing len only for the rows whose token ent
 
 Grouped-query attention: when the attention's k and v are their Hk-head sources repeated per query group
 (`repeat_interleave(k, r, 1)`, or `expand(k[:, :, None], [B, Hk, r, S, hd]).reshape(B, Hk*r, S, hd)`),
-the caches hold the Hk heads (k and v above are those sources; the repeats become dead and are erased).
+the caches hold the Hk heads and the decode attention reads them with `enable_gqa=True`:
+
+    before:  y = sdpa(q, repeat(k), repeat(v), ...)      after:  K = cat(Kc, k, 2)      # [B, Hk, L+S, hd]
+                                                                 y = sdpa(q, K, V, valid, enable_gqa=True)
 
 Contract: requires blocks whose attention is `aten.scaled_dot_product_attention` with one query token at
 decode; ensures the decode graph's extra inputs and outputs are listed in `DecodeSignature`.
@@ -48,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, fake_mode_of
+from .graph_utils import aten, call, fake_mode_of, run_fake
 from .predictor import _ATTENTION, predictor_logits
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -72,7 +73,7 @@ def _qkv(a: Node):
 
 def _cached_kv(a: Node) -> tuple[Node, Node, bool]:
     """The k and v a cache holds for attention `a`: their Hk-head sources when both are repeated per
-    query group (then True), else the attention's own inputs."""
+    query group (then True: the decode attention uses enable_gqa), else the attention's own inputs."""
     _, k, v = _qkv(a)
     ks, vs = _group_source(k), _group_source(v)
     if ks and vs and ks[1] == vs[1]:
@@ -208,52 +209,33 @@ def _placeholder(graph: Graph, name: str, val: torch.Tensor) -> Node:
 
 
 def _attend_over_cache(graph: Graph, b: Block, a: Node, kc: Node, vc: Node, lens: Node) -> None:
-    """Replace attention `a` by attention of its S new queries over the cache's valid slots and the S new
-    keys, in two parts so that the cache is read in place (never copied): softmax over [cache | new]."""
     st = b.stack
     q, k_in, v_in = _qkv(a)
-    k, v, _ = _cached_kv(a)
-    dropout = a.kwargs.get("dropout_p", a.args[4] if len(a.args) > 4 else 0.0)
-    if dropout:
-        raise ModfxError(f"block {b.name}: attention {a.name} has dropout {dropout} at decode; call model.eval()")
-    H, hd = q.meta["val"].shape[-3], int(q.meta["val"].shape[-1])
-    Hk = int(k.meta["val"].shape[-3])
-    r = int(H) // Hk  # query heads per kv head (1 without grouped-query attention)
-    scale = a.kwargs.get("scale") or hd ** -0.5
-
-    def op(target, *args, **kwargs):
-        return call(graph, target, args, kwargs, stack=st)
-
+    k, v, gqa = _cached_kv(a)
     with graph.inserting_before(a):
-        B, S = size(graph, q, 0, st), size(graph, q, 2, st)
-        L = op(aten.sym_size.int, kc, 2)  # the cache's length, read at run time
-        rS = op(operator.mul, S, r) if isinstance(S, Node) else S * r
-        qg = op(aten.mul.Tensor, op(aten.reshape.default, q, [B, Hk, rS, hd]), scale)  # [B, Hk, r*S, hd]
-        cached = op(aten.matmul.default, qg, op(aten.transpose.int, kc, -2, -1))  # [B, Hk, r*S, L]
-        fresh = op(aten.matmul.default, qg, op(aten.transpose.int, k, -2, -1))  # [B, Hk, r*S, S]
+        K = call(graph, aten.cat.default, ([kc, k], -2), stack=st)
+        V = call(graph, aten.cat.default, ([vc, v], -2), stack=st)
+        L = call(graph, aten.sym_size.int, (kc, kc.meta["val"].dim() - 2), stack=st)  # read at run time
+        S = size(graph, q, q.meta["val"].dim() - 2, st)
+        B = size(graph, lens, 0, st)
         dev = lens.meta["val"].device
-        pos = op(aten.arange.default, L, device=dev)
-        valid = op(aten.lt.Tensor, op(aten.unsqueeze.default, pos, 0), op(aten.unsqueeze.default, lens, 1))  # [B, L]
-        valid = _unsqueeze(graph, valid, (1, 1), st)  # [B, 1, 1, L]
-        causal = op(aten.tril.default, op(aten.ones.default, [S, S], dtype=torch.bool, device=dev))  # [S, S]
-        causal = op(aten.repeat.default, causal, [r, 1])  # [r*S, S]: query row g*S + t sees new keys <= t
-        neg = float("-inf")
-        scores = op(aten.cat.default, [op(aten.where.ScalarOther, valid, cached, neg),
-                                       op(aten.where.ScalarOther, causal, fresh, neg)], -1)  # [B, Hk, r*S, L+S]
-        dtype = q.meta["val"].dtype
-        if dtype != torch.float32:  # softmax in float32, as the fused attention kernels accumulate
-            scores = op(aten._to_copy.default, scores, dtype=torch.float32)
-        p = op(aten._softmax.default, scores, -1, False)
-        if dtype != torch.float32:
-            p = op(aten._to_copy.default, p, dtype=dtype)
-        out = op(aten.add.Tensor, op(aten.matmul.default, op(aten.slice.Tensor, p, -1, 0, L), vc),
-                 op(aten.matmul.default, op(aten.slice.Tensor, p, -1, L, None), v))  # [B, Hk, r*S, hd]
-        out = op(aten.reshape.default, out, [B, H, S, hd])
-    out.meta["modfx_new_kv"] = (k, v)  # this step's keys and values (the caller appends them to the cache)
-    a.replace_all_uses_with(out)
-    graph.erase_node(a)
-    for t in (k_in, v_in):
-        _erase_unused(t)
+        pos = call(graph, aten.arange.default, (L,), {"device": dev}, stack=st)
+        old = call(graph, aten.lt.Tensor, (call(graph, aten.unsqueeze.default, (pos, 0), stack=st),
+                                           call(graph, aten.unsqueeze.default, (lens, 1), stack=st)), stack=st)  # [B, L]
+        old = call(graph, aten.expand.default, (_unsqueeze(graph, old, (1, 1), st), [B, 1, S, L]), stack=st)
+        ones = call(graph, aten.ones.default, ([S, S],), {"dtype": torch.bool, "device": dev}, stack=st)
+        new = call(graph, aten.tril.default, (ones,), stack=st)  # new tokens: causal among themselves
+        new = call(graph, aten.expand.default, (_unsqueeze(graph, new, (0, 0), st), [B, 1, S, S]), stack=st)
+        mask = call(graph, aten.cat.default, ([old, new], -1), stack=st)  # [B, 1, S, L+S]
+    dropout = a.kwargs.get("dropout_p", a.args[4] if len(a.args) > 4 else 0.0)
+    a.meta["modfx_new_kv"] = (k, v)  # this step's keys and values, before the cache was prepended
+    a.args = (q, K, V, mask, dropout, False)
+    a.kwargs = {kk: vv for kk, vv in a.kwargs.items() if kk not in ("attn_mask", "dropout_p", "is_causal")}
+    if gqa:
+        a.kwargs = {**a.kwargs, "enable_gqa": True}
+        _erase_unused(k_in)
+        _erase_unused(v_in)
+    a.meta["val"] = run_fake(a.target, a.args, a.kwargs, fake_mode_of(graph))
 
 
 def _skip_unselected(graph: Graph, root: nn.Module, b: Block, config, name: str) -> tuple[Node, Node]:
@@ -274,8 +256,8 @@ def _skip_unselected(graph: Graph, root: nn.Module, b: Block, config, name: str)
         f = contribution(graph, b, x)
     region = _range(b.first, f)
     kv = []
-    for n in region:
-        kv += list(n.meta.get("modfx_new_kv", ()))
+    for a in [n for n in region if n.target is _ATTENTION]:
+        kv += list(a.meta["modfx_new_kv"])
     outs = [f] + kv
     operands, true_gm, false_gm = _extract(graph, region, outs)
     root.add_module(f"{name}_run", true_gm)
