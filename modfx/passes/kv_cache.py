@@ -49,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, fake_mode_of, run_fake
+from .graph_utils import aten, call, expr, fake_mode_of, run_fake
 from .predictor import _ATTENTION, predictor_logits
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -106,16 +106,17 @@ def _group_source(t: Node) -> tuple[Node, int] | None:
     src = _skip(u.args[0])
     small = _shape(src)
     r = big[2]
-    if small is None or len(small) != 4 or one[2] != 1 or not (isinstance(r, int) and r > 1):
+    if small is None or len(small) != 4 or one is None or one[2] != 1 or not (r.is_Integer and r > 1):
         return None
-    if [big[0], big[1], big[3], big[4]] != list(small) or list(shape) != [small[0], small[1] * r, small[2], small[3]]:
+    if [big[0], big[1], big[3], big[4]] != small or shape != [small[0], small[1] * r, small[2], small[3]]:
         return None
-    return src, r
+    return src, int(r)
 
 
-def _shape(n: Node):
+def _shape(n: Node) -> list | None:
+    """n's shape as sympy expressions (compared without adding guards to the shape environment)."""
     v = n.meta.get("val") if isinstance(n, Node) else None
-    return list(v.shape) if isinstance(v, torch.Tensor) else None
+    return [expr(d) for d in v.shape] if isinstance(v, torch.Tensor) else None
 
 
 def _skip(n: Node, clones: bool = False) -> Node:
