@@ -76,6 +76,19 @@ def expr(size: Any) -> sympy.Expr:
     return sympy.Integer(int(size))
 
 
+def erase_unused(node: Node) -> None:
+    """Erase `node` if nothing uses it, then every input of it left without users (e.g. the index
+    arithmetic of a gather a rewrite replaced)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, Node) or n.users or n.op != "call_function" or n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        n.graph.erase_node(n)
+        todo.extend(inputs)
+
+
 def shape_exprs(node: Node) -> tuple[sympy.Expr, ...] | None:
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):

@@ -49,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, expr, fake_mode_of, run_fake
+from .graph_utils import aten, call, erase_unused, fake_mode_of, run_fake, shape_exprs
 from .predictor import _ATTENTION, predictor_logits
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -85,7 +85,7 @@ def _group_source(t: Node) -> tuple[Node, int] | None:
     """(src, r) if t [B, Hk*r, S, hd] is src [B, Hk, S, hd] with each head repeated r times in place
     (each query group reads its own kv head): repeat_interleave(src, r, 1), or unsqueeze(src, 2) expanded
     to [B, Hk, r, S, hd] and reshaped (clones and full slices allowed between); else None."""
-    shape = _shape(t)
+    shape = shape_exprs(t)  # sympy expressions: compared without adding guards to the shape environment
     if shape is None or len(shape) != 4:
         return None
     if t.target is aten.repeat_interleave.self_int:
@@ -99,24 +99,18 @@ def _group_source(t: Node) -> tuple[Node, int] | None:
     e = _skip(t.args[0], clones=True)
     if e.target is not aten.expand.default:
         return None
-    big, one = _shape(e), _shape(e.args[0])
+    big, one = shape_exprs(e), shape_exprs(e.args[0])
     u = _skip(e.args[0])
     if u.target is not aten.unsqueeze.default or u.args[1] not in (2, -3) or big is None or len(big) != 5:
         return None
     src = _skip(u.args[0])
-    small = _shape(src)
+    small = shape_exprs(src)
     r = big[2]
     if small is None or len(small) != 4 or one is None or one[2] != 1 or not (r.is_Integer and r > 1):
         return None
-    if [big[0], big[1], big[3], big[4]] != small or shape != [small[0], small[1] * r, small[2], small[3]]:
+    if (big[0], big[1], big[3], big[4]) != small or shape != (small[0], small[1] * r, small[2], small[3]):
         return None
     return src, int(r)
-
-
-def _shape(n: Node) -> list | None:
-    """n's shape as sympy expressions (compared without adding guards to the shape environment)."""
-    v = n.meta.get("val") if isinstance(n, Node) else None
-    return [expr(d) for d in v.shape] if isinstance(v, torch.Tensor) else None
 
 
 def _skip(n: Node, clones: bool = False) -> Node:
@@ -132,16 +126,6 @@ def _skip(n: Node, clones: bool = False) -> Node:
 def _full_slice(n: Node) -> bool:
     _, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]  # dim, start, end, step
     return start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
-
-
-def _erase_unused(n: Node) -> None:
-    """Erase n and, recursively, its inputs once nothing uses them (the repeats a GQA cache made dead)."""
-    if not isinstance(n, Node) or n.op != "call_function" or n.users or n.is_impure():
-        return
-    inputs = n.all_input_nodes
-    n.graph.erase_node(n)
-    for i in inputs:
-        _erase_unused(i)
 
 
 def expose_prefill(graph: Graph, blocks: list[Block], sel_of: dict[int, Node]) -> None:
@@ -234,8 +218,8 @@ def _attend_over_cache(graph: Graph, b: Block, a: Node, kc: Node, vc: Node, lens
     a.kwargs = {kk: vv for kk, vv in a.kwargs.items() if kk not in ("attn_mask", "dropout_p", "is_causal")}
     if gqa:
         a.kwargs = {**a.kwargs, "enable_gqa": True}
-        _erase_unused(k_in)
-        _erase_unused(v_in)
+        erase_unused(k_in)
+        erase_unused(v_in)
     a.meta["val"] = run_fake(a.target, a.args, a.kwargs, fake_mode_of(graph))
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch.fx import Graph, Node
 
 from .discover import Block
-from .graph_utils import aten, call
+from .graph_utils import aten, call, erase_unused
 from .route_topk import Routed
 
 
@@ -43,17 +43,6 @@ def rescore_chosen(graph: Graph, block: Block, r: Node, routed: Routed) -> None:
     with graph.inserting_before(old):
         rg = call(graph, aten.linear.default, (routed.x_chosen, weight), stack=st, tag="router")  # [B, k, 1]
     old.replace_all_uses_with(rg)
-    _erase_dead(graph, old)
+    erase_unused(old)
     routed.r_chosen = rg
 
-
-def _erase_dead(graph: Graph, node: Node) -> None:
-    """Erase `node` and then every input of it left without users (the gather's index nodes)."""
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n.users or n.op != "call_function":
-            continue
-        inputs = n.all_input_nodes
-        graph.erase_node(n)
-        todo.extend(inputs)
