@@ -18,9 +18,12 @@ Times are medians over interleaved rounds.
 --ops adds a per-op breakdown: each routing op of one block, compiled on its own
 (`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat),
 forward or, with --backward, forward + backward: router over S (ranking only), stable sort + slice +
-index sort, gathers of x / RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), the
-scatter_add merge into x, predictor MLP (+ its target scatter and BCE); and, for comparison, the
-formulation before 2026-12-04 (router over S with gradient, then a gather of r; scatter of x_k + w*f).
+index sort, gather of RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), the chosen
+rows of x and the merge timed together (x -> x_k -> delta = x_k * u -> merged x; their backwards meet in
+x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), predictor MLP (+ its target scatter
+and BCE); and, for comparison, the earlier formulations: gather + scatter_add (before 2026-12-05),
+gather + scatter of x_k + delta, and the router over S with gradient, then a gather of r (both before
+2026-12-04).
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
@@ -39,6 +42,7 @@ import modfx
 from modfx import cli
 from modfx.config import predictor_width
 from modfx.models import llama
+from modfx.passes.route_topk import split_tokens
 
 
 def main():
@@ -136,9 +140,6 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         order = torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1]
         return torch.sort(order[:, :k], dim=1)[0]
 
-    def gather_x(x, idx):
-        return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D))
-
     def gather_rope(cos, sin, idx):
         i = idx.unsqueeze(-1).expand(-1, -1, hd)
         return torch.gather(cos.expand(B, -1, -1), 1, i), torch.gather(sin.expand(B, -1, -1), 1, i)
@@ -149,11 +150,19 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     def router_with_gather(x, w, idx):  # before 2026-12-04: grad through the router over all S tokens
         return gather_r(F.linear(x, w), idx)
 
-    def scatter(x, idx, upd):  # before 2026-12-04: upd = x_k + w*f replaces the k rows
-        return torch.scatter(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), upd)
+    def merge(x, idx, u):  # the chosen rows and the merge (delta = x_k * u stands in for w * f(x_k))
+        rows = (torch.arange(B, device=x.device)[:, None], idx)
+        xp, xg = split_tokens(x, *rows)
+        return torch.index_put(xp, rows, xg * u, accumulate=True)
 
-    def scatter_add(x, idx, delta):  # delta = w*f added at the k rows
-        return torch.scatter_add(x, 1, idx.unsqueeze(-1).expand(-1, -1, D), delta)
+    def merge_scatter_add(x, idx, u):  # before 2026-12-05
+        index = idx.unsqueeze(-1).expand(-1, -1, D)
+        return torch.scatter_add(x, 1, index, torch.gather(x, 1, index) * u)
+
+    def merge_scatter(x, idx, u):  # before 2026-12-04: x_k + delta replaces the k rows
+        index = idx.unsqueeze(-1).expand(-1, -1, D)
+        xg = torch.gather(x, 1, index)
+        return torch.scatter(x, 1, index, xg + xg * u)
 
     def predictor(x, idx, w1, b1, w2, b2):
         p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
@@ -163,13 +172,13 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     # (name, fn, inputs, indices of the inputs that get a gradient in training, counted in the sum)
     ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), True),
            ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), True),
-           ("gather x -> [B,k,D]", gather_x, (x, idx), (0,), True),
            ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), True),
            ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), True),
-           ("scatter_add w*f into x at k rows (out of place, [B,S,D])", scatter_add, (x, idx, upd), (0, 2), True),
+           ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), True),
            ("predictor MLP over S + target scatter + BCE", predictor, (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), True),
-           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False),
-           ("before: scatter x_k + w*f into x (not summed)", scatter, (x, idx, upd), (0, 2), False)]
+           ("before: x_k and merge: gather + scatter_add (not summed)", merge_scatter_add, (x, idx, upd), (0, 2), False),
+           ("before: x_k and merge: gather + scatter (not summed)", merge_scatter, (x, idx, upd), (0, 2), False),
+           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False)]
     rows = []
     for name, fn, inp, needs, summed in ops:
         cli.log(f"op: {name}")
@@ -249,7 +258,7 @@ def in_context(args, ops, grad) -> dict[str, float]:
     for name, fn, inp, needs, _ in ops:
         if inp[0].shape == (B, S, D):  # ops on x itself
             cli.log(f"op in context: {name}")
-            merges = fn.__name__ in ("scatter", "scatter_add")  # returns the new residual stream
+            merges = fn.__name__.startswith("merge")  # returns the new residual stream
             calls[name] = _op_call(wrap(fn, merges), (a, b, *inp[1:]), (0, *(i + 1 for i in needs if i)), grad)
     times = {n: [] for n in calls}
     for _ in range(args.op_repeat):

@@ -14,7 +14,7 @@ from torch.fx import Graph, GraphModule
 from torch.utils import _pytree as pytree
 
 from .errors import ModfxError
-from .passes.graph_utils import expr
+from .passes.graph_utils import token_axis_length
 
 
 @dataclasses.dataclass
@@ -29,7 +29,8 @@ class Capture:
 
 
 def dynamic_shapes_for(args: tuple, kwargs: dict):
-    """Batch and token axes dynamic: ids/masks [B, S, ...] and hidden-like floats [B, S, F] get both;
+    """Batch and token axes dynamic: ids/masks [B, S, ...] and hidden-like floats [B, S, F] get both (in
+    either order: a sequence-first [S, B, F] is told apart later by its attention, `token_axis_length`);
     images and other inputs keep static token axes (their sequence is derived inside the model)."""
 
     def spec(t):
@@ -97,18 +98,12 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
         modules[not first] = modules[first]
     graphs = {mode: gm.graph for mode, gm in modules.items()}
 
-    seq_expr = None
-    for ph in modules[first].graph.find_nodes(op="placeholder"):
-        v = ph.meta.get("val")
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and isinstance(v.shape[1], torch.SymInt):
-            seq_expr = expr(v.shape[1])
-            break
     return Capture(
         graphs,
         modules,
         modules[first]._in_spec,
         modules[first]._out_spec,
-        seq_expr,
+        token_axis_length(modules[first].graph),
         (args, kwargs),
         twin,
     )

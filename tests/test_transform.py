@@ -209,3 +209,42 @@ def test_adjacent_routed_blocks_equal_the_eager_reference():
     ids = ids_of()
     want = mod_forward(model, ids, routers_of(mod, model), 0.25)
     torch.testing.assert_close(mod(ids).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_split_tokens_gives_x_its_chosen_rows_gradient_added_once(seq_first):
+    from modfx.passes.route_topk import split_tokens
+
+    x = torch.randn(3, 10, 4, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 4, 9], [1, 2, 3], [5, 7, 8]])  # [B, k] sorted, unique per row
+    b = torch.arange(3)[:, None]
+    xt = x.transpose(0, 1) if seq_first else x  # [S, B, D] or [B, S, D]
+    rows = (idx.T, b.T) if seq_first else (b, idx)
+    u = torch.randn(xt[rows].shape, dtype=torch.float64)
+    g = torch.randn(xt.shape, dtype=torch.float64)
+    xp, xg = split_tokens(xt, *rows)
+    y = torch.index_put(xp, rows, xg * u, accumulate=True)
+    (grad,) = torch.autograd.grad(y, x, g)
+    # the same map through the plain ops: y = x + scatter(x_k * u) at the chosen rows
+    y_plain = torch.index_put(xt, rows, xt[rows] * u, accumulate=True)
+    (grad_plain,) = torch.autograd.grad(y_plain, x, g)
+    assert torch.equal(y, y_plain)
+    torch.testing.assert_close(grad, grad_plain, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert split_tokens(xt, *rows)[0] is xt  # no copy of x when no gradient is recorded
+
+
+def test_sequence_first_encoder_routes_k_tokens_of_each_sequence_and_trains():
+    """nn.TransformerEncoder with batch_first=False: x is [S, B, D], batch on axis 1."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(D, H, 2 * D, dropout=0.0)  # sequence-first
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(S, B, D)
+    mod = modfx.transform(model, (x,), capacity=0.25, blocks=(0,))
+    same = (mod(x) == x).all(dim=-1)  # [S, B]: tokens that skipped the only block
+    assert same.sum(dim=0).tolist() == [S - 6] * B  # k = ceil(0.25 * 24) per sequence
+    mod.train()
+    compiled = torch.compile(mod, fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x), rtol=1e-4, atol=1e-5)
+    compiled(x).pow(2).mean().backward()
+    assert mod.get_parameter("layers.0.mod_router.weight").grad.abs().sum() > 0

@@ -6,7 +6,7 @@ budget check `modfx.transform` runs after routing.
         a  = sdpa(q, k, v)        # [s95, 4, s75, 16]   a   256*B*S**2      attention
         r  = linear(x, wr)        # [s95, s75, 1]       r   128*B*S         router
         o  = sort(r[..., 0])      # [s95, s75]          o   B*S*clog2(S)    sort
-        xg = gather(x, 1, idx)    # [s95, k, 64]        xg  64*B*k          gather
+        xg = x[b, idx]            # [s95, k, 64]        xg  64*B*k          gather
         qg = linear(hg, wq)       # [s95, k, 64]        qg  8192*B*k        matmul
     budget: per routed block, body(S, k) has no S term, and
         total(MoD) <= total(dense) - sum_routed(block(S) - block(k)) + routing overhead
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_map
 
 from ..errors import ModfxError
-from .graph_utils import aten, expr, fake_mode_of, module_paths, shape_exprs
+from .graph_utils import aten, expr, fake_mode_of, module_paths, shape_exprs, token_axis_length
 
 CAUSAL = sympy.Integer(1)  # factor on causal attention; Rational(1, 2) would halve it (torch does not)
 ROUTING = ("router", "sort", "topk", "gather", "scatter", "predictor")
@@ -110,6 +110,8 @@ def _data(n: Node, role: str) -> sympy.Expr:
     if role == "gather":
         return math.prod(_shapes(n.meta["val"]))
     if role == "scatter":  # the routed tokens written (a masked `where` writes every element)
+        if n.target is aten.index_put.default:
+            return math.prod(_shapes(n.args[2]))
         return math.prod(_shapes(n.args[3] if n.target in (aten.scatter.src, aten.scatter_add.default) else n))
     return sympy.Integer(0)
 
@@ -222,12 +224,14 @@ class Names:
     def of(graph: Graph, blocks=()) -> "Names":
         pos = dict(integer=True, positive=True)
         table, S = {}, None
-        for ph in graph.find_nodes(op="placeholder"):
+        seq = token_axis_length(graph)  # axis 1 of the inputs, or 0 for a sequence-first model
+        for ph in graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else ():
             shape = shape_exprs(ph)
-            if shape and len(shape) >= 2 and shape[1].is_Symbol:
-                if shape[0].is_Symbol:
-                    table[shape[0]] = sympy.Symbol("B", **pos)
-                table[shape[1]] = S = sympy.Symbol("S", **pos)
+            if shape and len(shape) >= 2 and seq in shape[:2]:
+                batch = shape[1] if shape[0] == seq else shape[0]
+                if batch.is_Symbol:
+                    table[batch] = sympy.Symbol("B", **pos)
+                table[seq] = S = sympy.Symbol("S", **pos)
                 break
         k, length = {}, {}
         for n in graph.nodes:

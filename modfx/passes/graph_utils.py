@@ -143,3 +143,27 @@ def module_paths(node: Node) -> list[str]:
     """The qualified module names on the node's nn_module_stack, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     return [path for path, _ in stack.values() if isinstance(path, str)]
+
+
+def token_axis_length(graph: Graph) -> sympy.Expr | None:
+    """The length of the inputs' token axis: axis 1 of the first 2-D+ input with a symbolic axis 1
+    ([B, S, ...]), unless the attention ops run over the symbol of an input's axis 0 instead (a
+    sequence-first model, [S, B, ...]): the token axis is the one that attention mixes."""
+    axis0, axis1 = [], []
+    for ph in graph.find_nodes(op="placeholder"):
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and isinstance(v.shape[1], torch.SymInt):
+            axis0.append(expr(v.shape[0]))
+            axis1.append(expr(v.shape[1]))
+    if not axis1:
+        return None
+    attended = set()
+    for n in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        q = n.args[0].meta.get("val")
+        if isinstance(q, torch.Tensor) and q.dim() >= 2:
+            attended |= expr(q.shape[-2]).free_symbols  # S, or k = f(S) in a routed block
+    if attended and not axis1[0].free_symbols & attended:
+        seq_first = [e for e in axis0 if e.is_Symbol and e in attended]
+        if seq_first:
+            return seq_first[0]
+    return axis1[0]

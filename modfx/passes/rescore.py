@@ -9,11 +9,11 @@ gathered inputs, which the block reads anyway:
     before:                                      after:
         r   = linear(x, w)        # [B, S, 1]        r   = linear(x, w)         # [B, S, 1]
         idx = topk(r)                                idx = topk(detach(r))      # ranking only
-        xg  = gather(x, 1, idx)   # [B, k, D]        xg  = gather(x, 1, idx)    # [B, k, D]
+        xg  = x[b, idx]           # [B, k, D]        xg  = x[b, idx]            # [B, k, D]
         rg  = gather(r, 1, idx)   # [B, k, 1]        rg  = linear(xg, w)        # [B, k, 1], same values
-        y   = scatter_add(x, 1, idx, w(rg) * f)          y   = scatter_add(x, 1, idx, w(rg) * f)
+        y   = index_put(x, (b, idx), w(rg) * f, accumulate=True)    (unchanged)
 
-Gradients are unchanged: d rg / d xg = w flows to x at the chosen tokens through the gather's backward,
+Gradients are unchanged: d rg / d xg = w flows to x at the chosen tokens through xg's backward,
 and d loss / d w = sum over chosen tokens of g_rg * xg, as before. The forward recomputes B*k*D
 multiply-adds (1/S of the router per chosen token).
 

@@ -1,23 +1,27 @@
 """Top-k routing: run a block on the k highest-scoring tokens of each sequence, pass the rest through.
 
     before:                                   after:
-        r = linear(x, w_router)  # [B, S, 1]      r     = linear(x, w_router)                # [B, S, 1]
-        y = block(x, cos, mask)  # [B, S, D]      k     = (S * num + den - 1) // den          # ceil(c * S)
-        use(y)                                    order = sort(r[..., 0], desc, stable)[1]     # ties -> earlier token
-                                                  idx   = sort(order[:, :k])[0]                # [B, k] causal order
-                                                  xg    = gather(x, 1, idx)                    # [B, k, D]
-                                                  cosg  = gather(cos, 1, idx)                  # token axes of side inputs,
-                                                  maskg = gather(gather(mask, 2, idx), 3, idx) #   original positions kept
-                                                  yg    = block(xg, cosg, maskg)               # the region, on k tokens
-                                                  f     = sum(residual terms) or yg - xg       # contribution only
-                                                  wg    = weighting(gather(r, 1, idx))         # [B, k, 1]
-                                                  y'    = scatter_add(x, 1, idx, wg * f)       # x + wg * f at the k
-                                                  use(y')                                      #   rows, others untouched
-
-The merge adds into a copy of x at unique indices (every element written at most once, so deterministic),
-and the residual is added once. Its backward passes y's gradient to x unmasked and gathers the k rows
-for wg * f: cheaper than `scatter(x, 1, idx, xg + wg * f)`, whose backward masks the k rows of x's
-gradient and adds them back through xg, with the same forward values.
+        r = linear(x, w_router)  # [B, S, 1]      r      = linear(x, w_router)                # [B, S, 1]
+        y = block(x, cos, mask)  # [B, S, D]      k      = (S * num + den - 1) // den          # ceil(c * S)
+        use(y)                                    order  = sort(r[..., 0], desc, stable)[1]     # ties -> earlier token
+                                                  idx    = sort(order[:, :k])[0]                # [B, k] causal order
+                                                  b      = arange(B)[:, None]                   # [B, 1]
+                                                  xp, xg = split_tokens(x, b, idx)              # x, x[b, idx] [B, k, D]
+                                                  cosg   = gather(cos, 1, idx)                  # token axes of side inputs,
+                                                  maskg  = gather(gather(mask, 2, idx), 3, idx) #   original positions kept
+                                                  yg     = block(xg, cosg, maskg)               # the region, on k tokens
+                                                  f      = sum(residual terms) or yg - xg       # contribution only
+                                                  wg     = weighting(gather(r, 1, idx))         # [B, k, 1]
+                                                  y'     = index_put(xp, (b, idx), wg * f, accumulate=True)
+                                                  use(y')                                       # x + wg * f at the k
+                                                                                                #   rows, others untouched
+The merge adds at unique indices (every element written at most once, so deterministic), and the
+residual is added once. Its forward is an `index_put`, which Inductor re-inplaces into x's buffer once x
+has no later reader (a `scatter_add` would copy all of x first). `split_tokens` is x and its chosen rows
+with one backward for both: x's gradient is y's gradient with the chosen rows' gradient added in place
+(`index_put(g, (b, idx), g_xg, accumulate=True)`), where autograd would sum y's gradient with a
+full-size scatter of g_xg into zeros. Forward values and gradients are those of
+`scatter(x, 1, idx, xg + wg * f)` with `xg = gather(x, 1, idx)`.
 Symbolic sizes the region read from the full sequence (S in view/reshape arguments) are re-derived with
 S -> k; when S is static (e.g. a patch count), literal S in the region's size arguments becomes k, after
 a check that S is no other size in the block (`_static_token_count`). The ordering sort is stable, so
@@ -89,6 +93,39 @@ def token_index(graph: Graph, idx: Node, like: Node, seq_axis: int, batch_axis: 
     return call(graph, aten.expand.default, (t, sizes), stack=stack)
 
 
+class _SplitTokens(torch.autograd.Function):
+    """(x, x[rows]): one backward for both uses of x, adding the chosen rows' gradient into y's in place."""
+
+    @staticmethod
+    def forward(ctx, x, *rows):
+        ctx.save_for_backward(*rows)
+        return x.view_as(x), x[rows]
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_chosen):
+        rows = ctx.saved_tensors
+        return (torch.index_put(grad_x, rows, grad_chosen, accumulate=True), *(None for _ in rows))
+
+
+def split_tokens(x: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and its chosen rows x[rows]; with autograd on, x's gradient adds the rows' gradient in place."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SplitTokens.apply(x, *rows)
+    return x, x[rows]
+
+
+def token_rows(graph: Graph, idx: Node, x: Node, B, block: Block, stack) -> tuple[Node, Node]:
+    """Index tensors selecting the chosen tokens of x: (arange(B)[:, None], idx) for [B, S, D], or
+    (idx^T, arange(B)[None]) for a sequence-first [S, B, D]; x[rows] is [B, k, D] (or [k, B, D])."""
+    if {block.seq_axis, block.batch_axis} != {0, 1}:
+        raise ModfxError(f"block {block.name}: its residual stream has batch axis {block.batch_axis} and token "
+                         f"axis {block.seq_axis}; routing needs them to be the first two axes")
+    b = call(graph, aten.arange.default, (B,), {"dtype": torch.int64, "device": idx.meta["val"].device}, stack=stack)
+    if block.batch_axis == 0:
+        return call(graph, aten.unsqueeze.default, (b, 1), stack=stack), idx
+    return call(graph, aten.permute.default, (idx, [1, 0]), stack=stack), call(graph, aten.unsqueeze.default, (b, 0), stack=stack)
+
+
 def gather_tokens(graph: Graph, t: Node, idx: Node, seq_axes, batch_axis: int, stack) -> Node:
     """t with each token axis reduced to the k tokens in idx (per sequence), original values kept."""
     for ax in seq_axes:
@@ -130,7 +167,10 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         if not isinstance(S, Node) and k != S:
             _static_token_count(block, S, k)
         B = size(graph, x, block.batch_axis, st)
-        xg = gather_tokens(graph, x, idx, (block.seq_axis,), block.batch_axis, st)  # [B, k, D]
+        at = token_rows(graph, idx, x, B, block, st)  # index tuple of the chosen rows of x
+        both = call(graph, split_tokens, (x, *at), stack=st)
+        xp = call(graph, operator.getitem, (both, 0), stack=st)  # x, with the merged backward
+        xg = call(graph, operator.getitem, (both, 1), stack=st, tag="gather")  # [B, k, D]
         replace = {x: xg}
         for s in block.side_inputs:
             src = broadcast_batch(graph, s, B, st)
@@ -159,8 +199,7 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         r_index = token_index(graph, idx, r, block.seq_axis, block.batch_axis, st)
         rg = call(graph, aten.gather.default, (r, block.seq_axis, r_index), stack=st, tag="gather")  # [B, k, 1]
         delta = _weighted(graph, f, rg, weighting, st)  # [B, k, D]
-        index = token_index(graph, idx, x, block.seq_axis, block.batch_axis, st)
-        merged = call(graph, aten.scatter_add.default, (x, block.seq_axis, index, delta), stack=st, tag="scatter")
+        merged = call(graph, aten.index_put.default, (xp, list(at), delta, True), stack=st, tag="scatter")
     for user in outside_users:
         user.replace_input_with(yg, merged)
     return Routed(idx, merged, xg, rg)
