@@ -51,7 +51,7 @@ def main():
     cfg = lambda n: llama.LlamaConfig(n_layers=n, d_model=512, n_heads=8, vocab_size=256, max_seq_len=2048)  # noqa: E731
     dense1, dense2 = llama.Llama(cfg(1)), llama.Llama(cfg(2))
     ids = torch.randint(0, 256, (4, 1024))
-    kw = dict(capacity=0.125, every=2, predictor=not args.no_predictor)
+    kw = {"capacity": 0.125, "every": 2, "predictor": not args.no_predictor}
     models = {"dense1": dense1, "dense2": dense2, "mod_base": base.transform(dense2, (ids,), **kw),
               "mod_head": modfx.transform(dense2, (ids,), **kw)}
     steps = {}
