@@ -110,9 +110,7 @@ def _data(n: Node, role: str) -> sympy.Expr:
     if role == "gather":
         return math.prod(_shapes(n.meta["val"]))
     if role == "scatter":  # the routed tokens written (a masked `where` writes every element)
-        if n.target is aten.index_put.default:
-            return math.prod(_shapes(n.args[2]))
-        return math.prod(_shapes(n.args[3] if n.target in (aten.scatter.src, aten.scatter_add.default) else n))
+        return math.prod(_shapes(n.args[2] if n.target is aten.index_put.default else n))
     return sympy.Integer(0)
 
 
@@ -225,7 +223,8 @@ class Names:
         pos = dict(integer=True, positive=True)
         table, S = {}, None
         seq = token_axis_length(graph)  # axis 1 of the inputs, or 0 for a sequence-first model
-        for ph in graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else ():
+        placeholders = graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else []
+        for ph in placeholders:
             shape = shape_exprs(ph)
             if shape and len(shape) >= 2 and seq in shape[:2]:
                 batch = shape[1] if shape[0] == seq else shape[0]

@@ -114,12 +114,9 @@ def split_tokens(x: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, to
     return x, x[rows]
 
 
-def token_rows(graph: Graph, idx: Node, x: Node, B, block: Block, stack) -> tuple[Node, Node]:
+def token_rows(graph: Graph, idx: Node, B, block: Block, stack) -> tuple[Node, Node]:
     """Index tensors selecting the chosen tokens of x: (arange(B)[:, None], idx) for [B, S, D], or
     (idx^T, arange(B)[None]) for a sequence-first [S, B, D]; x[rows] is [B, k, D] (or [k, B, D])."""
-    if {block.seq_axis, block.batch_axis} != {0, 1}:
-        raise ModfxError(f"block {block.name}: its residual stream has batch axis {block.batch_axis} and token "
-                         f"axis {block.seq_axis}; routing needs them to be the first two axes")
     b = call(graph, aten.arange.default, (B,), {"dtype": torch.int64, "device": idx.meta["val"].device}, stack=stack)
     if block.batch_axis == 0:
         return call(graph, aten.unsqueeze.default, (b, 1), stack=stack), idx
@@ -167,7 +164,7 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         if not isinstance(S, Node) and k != S:
             _static_token_count(block, S, k)
         B = size(graph, x, block.batch_axis, st)
-        at = token_rows(graph, idx, x, B, block, st)  # index tuple of the chosen rows of x
+        at = token_rows(graph, idx, B, block, st)  # index tuple of the chosen rows of x
         both = call(graph, split_tokens, (x, *at), stack=st)
         xp = call(graph, operator.getitem, (both, 0), stack=st)  # x, with the merged backward
         xg = call(graph, operator.getitem, (both, 1), stack=st, tag="gather")  # [B, k, D]
