@@ -21,7 +21,7 @@ forward or, with --backward, forward + backward: router over S (ranking only), s
 index sort, gather of RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), the chosen
 rows of x and the merge timed together (x -> x_k -> delta = x_k * u -> merged x; their backwards meet in
 x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), predictor MLP (+ its target scatter
-and BCE); and, for comparison, the earlier formulations: gather + scatter_add (before 2026-12-05),
+and BCE); and, for comparison, the earlier formulations: gather + scatter_add (before commit b475f86),
 gather + scatter of x_k + delta, and the router over S with gradient, then a gather of r (both before
 2026-12-04).
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
@@ -155,7 +155,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         xp, xg = split_tokens(x, *rows)
         return torch.index_put(xp, rows, xg * u, accumulate=True)
 
-    def merge_scatter_add(x, idx, u):  # before 2026-12-05
+    def merge_scatter_add(x, idx, u):  # before commit b475f86 (2026-12-04)
         index = idx.unsqueeze(-1).expand(-1, -1, D)
         return torch.scatter_add(x, 1, index, torch.gather(x, 1, index) * u)
 
