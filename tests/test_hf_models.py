@@ -166,6 +166,26 @@ def test_capacity_one_without_weighting_reproduces_the_model(built):
                                rtol=1e-5, atol=2e-5)
 
 
+def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built):
+    name, case, model, inputs, _ = built
+    dense = transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    # grad mode stays on: under no_grad nn.TransformerEncoder takes its fused fast path, not the captured code
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs))
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_routers_get_gradients_under_bf16_autocast(built):
+    name, case, model, inputs, mod = built
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = main_output(case, run(case, mod, inputs))
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in mod.named_parameters() if n.endswith("mod_router.weight")]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    mod.zero_grad(set_to_none=True)
+
+
 def test_routed_block_equals_the_eager_reference(built):
     name, case, model, inputs, mod = built
     p = modfx.plan(mod)

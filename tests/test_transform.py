@@ -248,3 +248,40 @@ def test_sequence_first_encoder_routes_k_tokens_of_each_sequence_and_trains():
     torch.testing.assert_close(compiled(x), mod(x), rtol=1e-4, atol=1e-5)
     compiled(x).pow(2).mean().backward()
     assert mod.get_parameter("layers.0.mod_router.weight").grad.abs().sum() > 0
+
+
+def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built):
+    name, model, _ = built
+    dense = modfx.transform(model, (ids_of(),), capacity=1.0, weighting="none", every=1)
+    ids = ids_of()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = dense(ids).logits, model(ids).logits
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_equals_hand_written_eager_reference_under_bf16_autocast(built):
+    name, model, mod = built
+    ids = ids_of()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(ids).logits
+        want = mod_forward(model, ids, routers_of(mod, model), 0.25)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_training_step_under_bf16_autocast_matches_eager():
+    torch.manual_seed(0)
+    mod = modfx.transform(MODELS["llama"](), (ids_of(),), capacity=0.25)
+    compiled = torch.compile(mod, fullgraph=True)
+    ids = ids_of()
+    grads = []
+    for step in (mod, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = step(ids).logits
+        logits.float().pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in mod.named_parameters()})
+        mod.zero_grad(set_to_none=True)
+    eager, inductor = grads
+    assert eager["layers.1.mod_router.weight"].abs().sum() > 0
+    for n, g in eager.items():
+        torch.testing.assert_close(inductor[n], g, rtol=5e-2, atol=5e-3, msg=n)

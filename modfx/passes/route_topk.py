@@ -15,6 +15,9 @@
                                                   y'     = index_put(xp, (b, idx), wg * f, accumulate=True)
                                                   use(y')                                       # x + wg * f at the k
                                                                                                 #   rows, others untouched
+Under autocast the block's terms may come out in bfloat16 while x stays float32: f sums the terms and
+the merge adds wg * f in x's dtype (`type_as`, resolved at run time), as the model's own `x + t0 + t1`
+promotes them.
 The merge adds at unique indices (every element written at most once, so deterministic), and the
 residual is added once. Its forward is an `index_put`, which Inductor re-inplaces into x's buffer once x
 has no later reader (a `scatter_add` would copy all of x first). `split_tokens` is x and its chosen rows
@@ -196,6 +199,8 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         r_index = token_index(graph, idx, r, block.seq_axis, block.batch_axis, st)
         rg = call(graph, aten.gather.default, (r, block.seq_axis, r_index), stack=st, tag="gather")  # [B, k, 1]
         delta = _weighted(graph, f, rg, weighting, st)  # [B, k, D]
+        # in x's dtype at run time, as `x + delta` promotes it (under autocast f may be bf16, x float32)
+        delta = call(graph, aten.type_as.default, (delta, xp), stack=st)
         merged = call(graph, aten.index_put.default, (xp, list(at), delta, True), stack=st, tag="scatter")
     for user in outside_users:
         user.replace_input_with(yg, merged)
@@ -208,8 +213,11 @@ def contribution(graph: Graph, block: Block, x: Node) -> Node:
     st = block.stack
     if block.residual_terms is None:
         return call(graph, aten.sub.Tensor, (block.out, x), stack=st)  # e.g. a post-norm block
-    f = block.residual_terms[0]
-    for t in block.residual_terms[1:]:
+    terms = block.residual_terms
+    if len(terms) > 1:  # summed in x's dtype, as the chain x + t0 + t1 adds them (autocast: bf16 terms)
+        terms = [call(graph, aten.type_as.default, (t, x), stack=st) for t in terms]
+    f = terms[0]
+    for t in terms[1:]:
         f = call(graph, aten.add.Tensor, (f, t), stack=st)
     return f
 
