@@ -53,7 +53,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     if not args and not kwargs:
         args, kwargs = infer_example_inputs(model)
 
-    args, kwargs = _long_enough(args, kwargs, config)
+    args, kwargs = _long_enough(*_batch_of_two(args, kwargs), config)
     cap = capture(model, args, kwargs)
     mod = MoDModule(next(iter(cap.modules.values())))
     type(mod).forward.__signature__ = _signature(model)
@@ -61,6 +61,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     mod._in_spec, mod._out_spec = cap.in_spec, cap.out_spec
     mod._n_outputs = cap.out_spec.num_leaves
     mod._kw_order = tuple(kwargs)
+    mod._input_sizes = _input_sizes(cap)
     mod.modfx_config = config
     mod.modfx_capture = cap
     result = _build(mod, "topk")
@@ -158,6 +159,31 @@ def _signature(model: nn.Module) -> inspect.Signature:
     named = [p for p in inspect.signature(model.forward).parameters.values()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
+
+
+def _input_sizes(cap) -> tuple:
+    """Per flat input of the capture: (its name, its sizes with None for a symbolic axis), or None."""
+    paths = [("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+             for path, _ in pytree.tree_flatten_with_path(cap.example_inputs)[0]]
+    placeholders = [n for n in next(iter(cap.graphs.values())).nodes if n.op == "placeholder"]
+    out = []
+    for name, node in zip(paths, placeholders):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            out.append(None)
+            continue
+        sizes = tuple(d if isinstance(d, int) else None for d in val.shape)
+        out.append((name, sizes))
+    return tuple(out)
+
+
+def _batch_of_two(args: tuple, kwargs: dict):
+    """Repeat a batch-1 example (every tensor input of leading size 1) to batch 2: export specialises a
+    dynamic axis of size 1 to the constant 1, and the transformed model would run at batch 1 only."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if any(t is u for u in tensors) else t, (args, kwargs))
 
 
 def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):

@@ -3,6 +3,7 @@
 - `save(mod, path)` / `load(path)`: the private copy of the user's model (pickled, so its classes must be
   importable when loading), the example inputs, the `MoDConfig` and the full state_dict (routers and
   predictors included); `load` transforms again and restores the weights, giving identical outputs.
+  Pickling a transformed module (`torch.save(mod)`, multiprocessing) stores and rebuilds the same.
 - `export(mod, path)`: a self-contained `torch.export` program of the routed model (`.pt2`, runs without
   the model's Python source), for the current routing mode, in eval mode, with dynamic batch and sequence.
   It returns the model's output leaves as a tuple (e.g. `(logits,)`), so no output class is needed.
@@ -24,34 +25,40 @@ def _check(mod) -> MoDModule:
     return mod
 
 
-def save(mod: MoDModule, path) -> None:
-    mod = _check(mod)
+def state(mod: MoDModule) -> dict:
+    """What it takes to rebuild `mod`: its model, example inputs, config, mode and weights (no code)."""
     cap = mod.modfx_capture
-    torch.save(
-        {
-            "format": "modfx/1",
-            "model": cap.twin,
-            "example_inputs": cap.example_inputs,
-            "config": mod.modfx_config,
-            "routing": mod._routing,
-            "training": mod.training,
-            "state_dict": mod.state_dict(),
-        },
-        path,
-    )
+    return {
+        "format": "modfx/1",
+        "model": cap.twin,
+        "example_inputs": cap.example_inputs,
+        "config": mod.modfx_config,
+        "routing": mod._routing,
+        "training": mod.training,
+        "state_dict": mod.state_dict(),
+    }
 
 
-def load(path, map_location=None) -> MoDModule:
+def rebuild(blob: dict) -> MoDModule:
+    """Transform `blob["model"]` again and restore the weights, mode and routing of `state(mod)`."""
     from .api import set_routing, transform
 
-    blob = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != "modfx/1":
-        raise ModfxError(f"{path} is not a file written by modfx.save")
     args, kwargs = blob["example_inputs"]
     mod = transform(blob["model"], args, blob["config"], example_kwargs=kwargs)
     mod.load_state_dict(blob["state_dict"])
     mod.train(blob["training"])
     return set_routing(mod, blob["routing"])
+
+
+def save(mod: MoDModule, path) -> None:
+    torch.save(state(_check(mod)), path)
+
+
+def load(path, map_location=None) -> MoDModule:
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != "modfx/1":
+        raise ModfxError(f"{path} is not a file written by modfx.save")
+    return rebuild(blob)
 
 
 class _FlatOutputs(torch.nn.Module):

@@ -8,8 +8,10 @@ for the current mode with `self` as the owner of every weight, and rebuilds the 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -54,6 +56,7 @@ class MoDModule(nn.Module):
         self._out_spec = None
         self._n_outputs = 0
         self._kw_order: tuple[str, ...] = ()
+        self._input_sizes: tuple = ()  # per flat input: (name, sizes with None for a dynamic axis) or None
         self._stats: tuple = ()
         self.modfx_plan = None
 
@@ -89,6 +92,22 @@ class MoDModule(nn.Module):
             _recapture(self, fn)
         return self
 
+    def __reduce_ex__(self, protocol):
+        """Pickle (`torch.save(mod)`, multiprocessing) as `modfx.save` does: the model, example inputs,
+        config and weights; unpickling transforms again. The programs are generated code, not data."""
+        from .io import rebuild, state
+
+        return rebuild, (state(self),)
+
+    def __deepcopy__(self, memo):
+        """A copy in this process keeps the programs (they take their owner as an argument)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        with warnings.catch_warnings():  # deep-copying pytree specs warns on torch 2.13
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def _placement(self):
         return {(p.dtype, p.device) for p in self.parameters()}
 
@@ -101,8 +120,23 @@ class MoDModule(nn.Module):
                 f"inputs it was captured with:\n  got      {spec}\n  expected {self._in_spec}\ncall it like the "
                 "example, or transform again with example inputs of the structure you will use"
             )
+        self._check_sizes(flat)
         key = (self._routing, self.training)
         outs = self._programs[key](self, *flat)
         n = self._n_outputs
         self._stats = tuple(outs[n:])
         return pytree.tree_unflatten(list(outs[:n]), self._out_spec)
+
+    def _check_sizes(self, flat: list) -> None:
+        """Static axes of the captured inputs (e.g. an image's height) are baked into the graph."""
+        for t, want in zip(flat, self._input_sizes):
+            if want is None or not isinstance(t, torch.Tensor):
+                continue
+            name, sizes = want
+            if t.dim() != len(sizes) or any(w is not None and w != d for w, d in zip(sizes, t.shape)):
+                shown = ", ".join("*" if w is None else str(w) for w in sizes)
+                raise ModfxError(
+                    f"input {name} has shape {list(t.shape)}, but the transformed module was captured for "
+                    f"[{shown}] (* = any size): only the batch and token axes are dynamic. Transform again "
+                    "with an example of the shape you will use"
+                )

@@ -97,6 +97,22 @@ def test_other_batch_sizes_and_short_sequences_work():
         torch.testing.assert_close(mod(x).logits, model(x).logits, rtol=0, atol=1e-5)
 
 
+def test_batch_one_example_still_gives_a_module_for_any_batch():
+    model = small().eval()
+    mod = modfx.transform(model, (ids(1, 16),), capacity=1.0, weighting="none")
+    x = ids(4, 20)
+    torch.testing.assert_close(mod(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_static_input_axis_of_another_size_says_to_transform_again():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    mod = modfx.transform(model, (torch.randn(2, 16, 8),))
+    assert mod(torch.randn(3, 20, 8)).shape == (3, 20, 16)
+    with pytest.raises(modfx.ModfxError, match=r"args\[0\] has shape \[2, 16, 9\].*\[\*, \*, 8\].*Transform again"):
+        mod(torch.randn(2, 16, 9))
+
+
 def test_to_bfloat16_recaptures_and_keeps_precision():
     model = small().eval()
     mod = modfx.transform(model, (ids(),), capacity=0.5)

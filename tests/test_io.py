@@ -1,5 +1,6 @@
-"""Workflows: transform(model) alone, routing parameter groups, save/load, .pt2 and AOTInductor artifacts."""
+"""Workflows: transform(model) alone, routing parameter groups, save/load and pickling, .pt2 and AOTInductor artifacts."""
 
+import copy
 import os
 
 import pytest
@@ -77,3 +78,25 @@ def test_aoti_package_matches_eager(built, tmp_path):
     path = modfx.export_aoti(mod, tmp_path / "mod_aoti.pt2")
     (logits,) = torch._inductor.aoti_load_package(path)(ids)
     torch.testing.assert_close(logits, mod(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pickled_module_is_rebuilt_with_its_weights_and_routing_mode(built, tmp_path):
+    _, mod, ids = built
+    modfx.set_routing(mod, "predictor")
+    try:
+        torch.save(mod, tmp_path / "whole.pt")
+        again = torch.load(tmp_path / "whole.pt", weights_only=False)
+        assert again._routing == "predictor" and not again.training
+        assert torch.equal(again(ids).logits, mod(ids).logits)
+    finally:
+        modfx.set_routing(mod, "topk")
+
+
+def test_deep_copy_is_equal_and_independent(built):
+    _, mod, ids = built
+    twin = copy.deepcopy(mod)
+    assert torch.equal(twin(ids).logits, mod(ids).logits)
+    with torch.no_grad():
+        twin.get_parameter("layers.1.mod_router.weight").add_(1.0)
+    assert not torch.equal(twin(ids).logits, mod(ids).logits)
+    assert twin.get_parameter("layers.1.mod_router.weight") is not mod.get_parameter("layers.1.mod_router.weight")
