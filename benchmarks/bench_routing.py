@@ -23,7 +23,8 @@ rows of x and the merge timed together (x -> x_k -> delta = x_k * u -> merged x;
 x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), predictor MLP (+ its target scatter
 and BCE); and, for comparison, the earlier formulations: gather + scatter_add (before commit b475f86),
 gather + scatter of x_k + delta, and the router over S with gradient, then a gather of r (both before
-2026-12-04).
+2026-12-04); and two alternatives to the predictor not taken: half and twice its width, and the router
+over S and the predictor's first layer as one GEMM that reads x once.
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
@@ -127,6 +128,9 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     xg, upd = torch.randn(B, k, D, generator=g), torch.randn(B, k, D, generator=g)
     w1, b1, w2, b2 = torch.randn(h, D, generator=g) / D ** 0.5, torch.zeros(h), torch.randn(1, h, generator=g) / h ** 0.5, torch.zeros(1)
     x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2 = map(args.to, (x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2))
+    other_widths = {n: tuple(map(args.to, (torch.randn(n, D, generator=g) / D ** 0.5, torch.zeros(n),
+                                           torch.randn(1, n, generator=g) / n ** 0.5, torch.zeros(1))))
+                    for n in (max(h // 2, 1), 2 * h)}
     F = torch.nn.functional
     grad = args.backward
 
@@ -169,6 +173,12 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
         return F.binary_cross_entropy_with_logits(p, target)
 
+    def router_and_predictor(x, idx, w, w1, b1, w2, b2):  # one GEMM reads x for both: [D, 1 + h]
+        o = F.linear(x.detach(), torch.cat([w, w1]), torch.cat([b1.new_zeros(1), b1]))
+        p = F.linear(F.gelu(o[..., 1:]), w2, b2).squeeze(-1)
+        target = torch.zeros_like(p).scatter(1, idx, 1.0)
+        return o[..., 0], F.binary_cross_entropy_with_logits(p, target)
+
     # (name, fn, inputs, indices of the inputs that get a gradient in training, counted in the sum)
     ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), True),
            ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), True),
@@ -176,6 +186,10 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
            ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), True),
            ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), True),
            ("predictor MLP over S + target scatter + BCE", predictor, (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), True),
+           *((f"width {n} instead of {h}: predictor MLP + target + BCE (not summed)", predictor, (x, idx, *p), (2, 3, 4, 5), False)
+             for n, p in other_widths.items()),
+           ("router over S and predictor in one GEMM, + target + BCE (not summed)", router_and_predictor,
+            (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), False),
            ("before: x_k and merge: gather + scatter_add (not summed)", merge_scatter_add, (x, idx, upd), (0, 2), False),
            ("before: x_k and merge: gather + scatter (not summed)", merge_scatter, (x, idx, upd), (0, 2), False),
            ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False)]

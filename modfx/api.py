@@ -100,6 +100,7 @@ def _recapture(mod: MoDModule, fn) -> None:
     twin = old.twin._apply(fn)
     args, kwargs = pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, old.example_inputs)
     mod.modfx_capture = capture(twin, args, kwargs, copy_model=False)
+    mod.__dict__.pop("modfx_decoders", None)  # generate's programs were built from the old capture
     modes = {mode for mode, _ in mod._programs}
     mod._programs.clear()
     mod.modfx_graphs.clear()
@@ -194,6 +195,8 @@ def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):
     if not seqs or config.k(seqs[0]) >= 2:
         return args, kwargs
     S = seqs[0]
+    if S == 0:
+        raise ModfxError("the example inputs have an empty token axis (length 0): give at least one token")
     reps = next(m for m in range(2, 1 << 16) if config.k(S * m) >= 2)
 
     def lengthen(t):

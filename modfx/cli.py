@@ -26,6 +26,7 @@ import torch
 from tabulate import tabulate
 
 import modfx
+from modfx.errors import ModfxError
 
 HF_MODELS = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "bert")
 
@@ -406,18 +407,25 @@ def cmd_flops(args) -> int:
 
 # --- arguments ---------------------------------------------------------------------------------------
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     g = model.add_argument_group("model")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", choices=("gpt", "llama", "encoder", "moe"), default="llama", help="reference model")
     src.add_argument("--hf", choices=HF_MODELS, help="small Hugging Face model, random weights (needs transformers)")
-    g.add_argument("--layers", type=int, default=8)
-    g.add_argument("--d-model", type=int, default=256)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--vocab", type=int, default=256)
-    g.add_argument("--batch", type=int, default=2)
-    g.add_argument("--seq", type=int, default=512)
+    g.add_argument("--layers", type=positive, default=8)
+    g.add_argument("--d-model", type=positive, default=256)
+    g.add_argument("--heads", type=positive, default=8)
+    g.add_argument("--vocab", type=positive, default=256)
+    g.add_argument("--batch", type=positive, default=2)
+    g.add_argument("--seq", type=positive, default=512)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     g.add_argument("--seed", type=int, default=0)
@@ -430,7 +438,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", parents=[model], help="compile dense and MoD with Inductor and time them")
     b.add_argument("--backward", action="store_true", help="time forward + backward (train mode)")
-    b.add_argument("--repeat", type=int, default=5, help="timed steps per variant (the median is reported)")
+    b.add_argument("--repeat", type=positive, default=5, help="timed steps per variant (the median is reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling")
     b.add_argument("--cache", action="store_true", help="let Inductor use its compile caches (compile s may be cache hits)")
     b.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -446,13 +454,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     args.argv = argv
+    if args.d_model % args.heads:
+        ap.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    rope = args.hf in ("llama", "mistral", "qwen2", "gpt_neox") or (not args.hf and args.model in ("llama", "moe"))
+    if rope and (args.d_model // args.heads) % 2:
+        ap.error(f"the head dimension --d-model / --heads = {args.d_model // args.heads} must be even (RoPE)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("modfx: --device cuda but torch.cuda.is_available() is False")
     if args.hf:
         args.model = None
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModfxError as e:
+        raise SystemExit(f"modfx: error: {e}") from None
 
 
 if __name__ == "__main__":

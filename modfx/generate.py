@@ -124,8 +124,12 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     compile=True compiles the decode step with Inductor (one graph); dense=True runs every block on every
     token (the dense model with the same caches, as a baseline).
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ModfxError("generate expects input_ids of shape [B, P]")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ModfxError("generate expects input_ids of shape [B, P] with P >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ModfxError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ModfxError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
     dec = decoder(mod, dense)
     n_out = dec.out_spec.num_leaves
     B, P = input_ids.shape

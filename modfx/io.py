@@ -6,7 +6,8 @@
   Pickling a transformed module (`torch.save(mod)`, multiprocessing) stores and rebuilds the same.
 - `export(mod, path)`: a self-contained `torch.export` program of the routed model (`.pt2`, runs without
   the model's Python source), for the current routing mode, in eval mode, with dynamic batch and sequence.
-  It returns the model's output leaves as a tuple (e.g. `(logits,)`), so no output class is needed.
+  It takes the example's inputs positionally (its positional inputs, then its keyword inputs in order)
+  and returns the model's output leaves as a tuple (e.g. `(logits,)`), so no output class is needed.
 - `export_aoti(mod, path)`: an AOTInductor package of the same program, where the installed torch has it.
 """
 
@@ -62,15 +63,20 @@ def load(path, map_location=None) -> MoDModule:
 
 
 class _FlatOutputs(torch.nn.Module):
-    """The routed model returning its output leaves as a tuple: an artifact that needs no Python class
-    of the user's (a custom output type would have to be importable where the artifact is loaded)."""
+    """The routed model taking its inputs positionally (the example's positional inputs, then its keyword
+    inputs in the example's order: torch.export cannot make keyword-only inputs dynamic here) and
+    returning its output leaves as a tuple: an artifact that needs no Python class of the user's (a
+    custom output type would have to be importable where the artifact is loaded)."""
 
-    def __init__(self, mod: MoDModule):
+    def __init__(self, mod: MoDModule, keywords: tuple[str, ...]):
         super().__init__()
         self.mod = mod
+        self.keywords = keywords
 
-    def forward(self, *args, **kwargs):
-        return tuple(pytree.tree_leaves(self.mod(*args, **kwargs)))
+    def forward(self, *inputs):
+        n = len(inputs) - len(self.keywords)
+        out = self.mod(*inputs[:n], **dict(zip(self.keywords, inputs[n:])))
+        return tuple(pytree.tree_leaves(out))
 
 
 def _exported(mod: MoDModule) -> torch.export.ExportedProgram:
@@ -82,8 +88,8 @@ def _exported(mod: MoDModule) -> torch.export.ExportedProgram:
     mod.eval()
     try:
         with torch.no_grad():
-            return torch.export.export(_FlatOutputs(mod), args, kwargs, strict=False,
-                                       dynamic_shapes={"args": dyn_args, **({"kwargs": dyn_kwargs} if kwargs else {})})
+            return torch.export.export(_FlatOutputs(mod, tuple(kwargs)), (*args, *kwargs.values()), strict=False,
+                                       dynamic_shapes={"inputs": (*dyn_args, *dyn_kwargs.values())})
     finally:
         mod.train(was)
 

@@ -1,6 +1,7 @@
 """The `modfx` command line, in-process on tiny models: bench (table + --json), inspect, flops."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,17 @@ def test_flops_hf(capsys):
 def test_python_m_modfx():
     r = subprocess.run([sys.executable, "-m", "modfx", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and all(c in r.stdout for c in ("bench", "inspect", "flops"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--capacity", "0"], "modfx: error: capacity must be in"),
+    (["--every", "0"], "modfx: error: every must be"),
+    (["--seq", "0"], "--seq: must be a positive integer"),
+    (["--heads", "3"], "must be a multiple of --heads 3"),
+    (["--d-model", "24", "--heads", "8"], "head dimension .* must be even"),
+])
+def test_bad_flag_values_end_in_a_one_line_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["inspect", *TINY, *flags])
+    shown = exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err
+    assert re.search(message, shown) and "Traceback" not in shown

@@ -126,3 +126,29 @@ def test_dense_baseline_generates_like_the_original_model():
         for _ in range(N):
             want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(modfx.generate(mod, ids, N, dense=True), want)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"max_new_tokens": 2, "temperature": 1.0, "top_k": 0}, "top_k must be None"),
+    ({"max_new_tokens": 2, "temperature": 1.0, "top_k": -1}, "top_k must be None"),
+])
+def test_bad_sampling_arguments_are_refused(kwargs, message):
+    _, mod, ids = make()
+    with pytest.raises(modfx.ModfxError, match=message):
+        modfx.generate(mod, ids, **kwargs)
+
+
+def test_empty_prompt_is_refused():
+    _, mod, ids = make()
+    with pytest.raises(modfx.ModfxError, match="P >= 1"):
+        modfx.generate(mod, ids[:, :0], 2)
+
+
+def test_generation_after_a_dtype_change_uses_the_converted_model():
+    model, mod, ids = make()
+    modfx.generate(mod, ids, 2)  # builds and caches the decoder
+    mod.double()
+    got, logits = modfx.generate(mod, ids, 2, return_logits=True)
+    assert logits.dtype == torch.float64
+    assert torch.equal(got, modfx.generate(mod, ids, 2))

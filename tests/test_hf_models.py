@@ -274,10 +274,11 @@ def _routed_forward(forward, w, capacity):
 
             a, kw = pytree.tree_map(pick, (args, kwargs))
             out = forward(*a, **kw)
+            rest = out[1:] if isinstance(out, tuple) else None  # e.g. attention weights, returned as they come
             out = out[0] if isinstance(out, tuple) else out
             xg = x[b, idx[b]]
             y[b, idx[b]] = xg + r[b, idx[b]] * (out[0] - xg)
-        return y
+        return y if rest is None else (y, *rest)
 
     return routed
 
@@ -322,3 +323,12 @@ def test_static_sequence_length_colliding_with_another_size_is_refused():
                intermediate_size=64, image_size=16, patch_size=4, num_channels=3)().eval()
     with pytest.raises(modfx.ModfxError, match=r"block layers\.1: node \w+ .*17"):
         modfx.transform(model, example_kwargs=pixels())
+
+
+def test_position_table_sliced_inside_the_block_is_refused():
+    # MPT slices its ALiBi table [H, 1, max_seq_len] to the last S key positions inside each attention:
+    # on k routed tokens it would read the biases of positions S-k..S-1, not those of the chosen tokens.
+    model = hf("MptForCausalLM", "MptConfig", "eager", vocab_size=V, d_model=64, n_layers=2, n_heads=4,
+               max_seq_len=64, use_cache=False)().eval()
+    with pytest.raises(modfx.ModfxError, match=r"block transformer\.blocks\.0: node \w+ slices a position table"):
+        modfx.transform(model, example_kwargs=ids_of())

@@ -100,3 +100,11 @@ def test_deep_copy_is_equal_and_independent(built):
         twin.get_parameter("layers.1.mod_router.weight").add_(1.0)
     assert not torch.equal(twin(ids).logits, mod(ids).logits)
     assert twin.get_parameter("layers.1.mod_router.weight") is not mod.get_parameter("layers.1.mod_router.weight")
+
+
+def test_pt2_export_of_a_module_transformed_with_keyword_inputs(built, tmp_path):
+    model, _, ids = built
+    mod = modfx.transform(model, example_kwargs={"idx": ids}).eval()
+    modfx.export(mod, tmp_path / "kw.pt2")
+    (logits,) = torch.export.load(tmp_path / "kw.pt2").module()(ids)  # keyword inputs come positionally
+    torch.testing.assert_close(logits, mod(idx=ids).logits, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import sympy
 import torch
 
 import modfx
@@ -285,3 +286,22 @@ def test_compiled_training_step_under_bf16_autocast_matches_eager():
     assert eager["layers.1.mod_router.weight"].abs().sum() > 0
     for n, g in eager.items():
         torch.testing.assert_close(inductor[n], g, rtol=5e-2, atol=5e-3, msg=n)
+
+
+def test_torch_func_grad_equals_backward():
+    torch.manual_seed(0)
+    mod = modfx.transform(MODELS["llama"](), (ids_of(),), capacity=0.25)
+    ids = ids_of()
+    params = dict(mod.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(mod, p, (ids,)).logits.pow(2).mean())(params)
+    mod(ids).logits.pow(2).mean().backward()
+    for n, p in params.items():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_symbolic_sizes_with_max_and_min_are_emitted():
+    from modfx.passes.graph_utils import emit_sym_expr
+
+    K = sympy.Symbol("k", integer=True, positive=True)
+    graph = torch.fx.Graph()
+    assert emit_sym_expr(graph, sympy.Max(0, 1 - K) + sympy.Min(K, 3), {K: 5}) == 3

@@ -178,7 +178,33 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
                     "axis). After routing the block sees only k tokens, so these positions would be compacted "
                     "and wrong. Compute positions (or RoPE tables) outside the blocks and pass them in."
                 )
+        if _reads_table_by_length(n, s_expr):
+            raise ModfxError(
+                f"block {path}: node {n.name} slices a position table ({n.args[0].name}, shape "
+                f"{list(n.args[0].meta['val'].shape)}) by the sequence length inside the block (e.g. ALiBi biases "
+                "or a RoPE cache). After routing the block sees only k tokens, so it would read the entries of "
+                "positions 0..k-1 (compacted), not of the chosen tokens. Slice or gather the table outside the "
+                "blocks and pass it in."
+            )
     return Block(path, index, nodes, x, out, seq_axis, batch_axis, s_expr, side, syms, terms, stack)
+
+
+def _reads_table_by_length(n: Node, s_expr: sympy.Expr) -> bool:
+    """A float tensor sliced, along an axis whose length does not follow S, with bounds that do:
+    table[..., S_max - S:] reads positions. (Bool tables, causal masks, stay right on compacted tokens:
+    the chosen tokens keep their order.)"""
+    if n.target is not aten.slice.Tensor or not isinstance(n.args[0], Node):
+        return False
+    src, dim = n.args[0].meta.get("val"), (n.args[1] if len(n.args) > 1 else 0)
+    if not isinstance(src, torch.Tensor) or not src.is_floating_point():
+        return False
+    seq = s_expr.free_symbols
+
+    def follows_s(v):
+        return isinstance(v, torch.SymInt) and bool(seq & v.node.expr.free_symbols)
+
+    bounds = [a.meta.get("val") for a in n.args[2:4] if isinstance(a, Node)]
+    return not follows_s(src.shape[dim]) and any(follows_s(b) for b in bounds)
 
 
 def residual_terms(node: Node, x: Node, region: set[Node]) -> list[Node] | None:

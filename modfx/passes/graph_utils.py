@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import sympy
 import torch
+from torch.utils._sympy import functions as _sympy_fns
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
@@ -106,11 +107,13 @@ def symint_node(graph: Graph, sym: sympy.Symbol) -> Node | None:
 
 
 _SYMPY_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul}
+_MIN_MAX = {sympy.Max: torch.sym_max, sympy.Min: torch.sym_min, _sympy_fns.Max: torch.sym_max, _sympy_fns.Min: torch.sym_min}
 
 
 def emit_sym_expr(graph: Graph, e: sympy.Expr, leaves: dict[sympy.Symbol, Any], *, stack=None) -> Any:
     """Emit FX nodes computing the integer expression `e`, with symbols bound to `leaves`
-    (nodes or ints). Supports + * FloorDiv and Mod, which is what shape arithmetic in export uses."""
+    (nodes or ints). Supports + * Max Min FloorDiv and Mod, which is what shape arithmetic in export uses
+    (Max and Min come from slices with negative bounds)."""
     from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
     if isinstance(e, sympy.Integer):
@@ -123,8 +126,8 @@ def emit_sym_expr(graph: Graph, e: sympy.Expr, leaves: dict[sympy.Symbol, Any], 
             return fn(a, b)
         return call(graph, fn, (a, b), stack=stack)
 
-    if type(e) in _SYMPY_OPS:
-        fn = _SYMPY_OPS[type(e)]
+    fn = _SYMPY_OPS.get(type(e)) or next((f for t, f in _MIN_MAX.items() if isinstance(e, t)), None)
+    if fn is not None:
         terms = [emit_sym_expr(graph, a, leaves, stack=stack) for a in e.args]
         out = terms[0]
         for t in terms[1:]:

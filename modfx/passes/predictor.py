@@ -53,9 +53,12 @@ class _AddAuxLoss(torch.autograd.Function):
     had been added to the loss) without touching the gradient that flows to `out`."""
 
     @staticmethod
-    def forward(ctx, out, aux):
-        ctx.aux_dtype = aux.dtype
+    def forward(out, aux):
         return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # forward without ctx: torch.func transforms accept it
+        ctx.aux_dtype = inputs[1].dtype
 
     @staticmethod
     def backward(ctx, grad):

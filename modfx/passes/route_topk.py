@@ -100,9 +100,12 @@ class _SplitTokens(torch.autograd.Function):
     """(x, x[rows]): one backward for both uses of x, adding the chosen rows' gradient into y's in place."""
 
     @staticmethod
-    def forward(ctx, x, *rows):
-        ctx.save_for_backward(*rows)
+    def forward(x, *rows):
         return x.view_as(x), x[rows]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # forward without ctx: torch.func transforms accept it
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, grad_x, grad_chosen):
@@ -176,7 +179,13 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
             src = broadcast_batch(graph, s, B, st)
             replace[s.node] = gather_tokens(graph, src, idx, s.seq_axes, s.batch_axis, st)
         for sym in block.sym_inputs:
-            replace[sym] = _sym_on_k(graph, sym, block, k)
+            try:
+                replace[sym] = _sym_on_k(graph, sym, block, k)
+            except NotImplementedError as e:
+                raise ModfxError(
+                    f"block {block.name}: the size {sym.name} = {sym.meta['val']} that the block reads off the "
+                    f"sequence cannot be recomputed for k tokens ({e}); modfx cannot route this block"
+                ) from e
 
     region = set(block.nodes)
     for n in block.nodes:
