@@ -84,6 +84,14 @@ def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
     return dict(zip(names, dyn_args))
 
 
+def _drop_dtype_asserts(graph: Graph) -> None:
+    """Export asserts the dtype a `.to()` saw at capture (`_assert_tensor_metadata`); under autocast the
+    same value may be bf16 at run time, where the model itself runs on, so the asserts go."""
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users:
+            graph.erase_node(n)
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True) -> Capture:
     """Export a deep copy of `model` (the user's model is never touched); copy_model=False exports
     `model` itself (a twin made by an earlier capture, after `.to()`)."""
@@ -97,6 +105,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
     else:
         modules[not first] = modules[first]
     graphs = {mode: gm.graph for mode, gm in modules.items()}
+    for graph in dict.fromkeys(graphs.values()):
+        _drop_dtype_asserts(graph)
 
     return Capture(
         graphs,

@@ -160,3 +160,30 @@ def test_train_and_eval_switch_dropout():
     assert torch.equal(mod(x).logits, mod(x).logits)
     mod.train()
     assert not torch.equal(mod(x).logits, mod(x).logits)
+
+
+class PositionsInside(nn.Module):
+    """A block that embeds arange(S) itself: on k routed tokens these positions would be 0..k-1."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.proj = nn.Embedding(64, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.proj(x + self.pos(torch.arange(x.shape[1])))
+
+
+class Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_positions_computed_inside_a_block_are_refused():
+    with pytest.raises(modfx.ModfxError, match=r"block layers\.0: node \w+ computes positions inside the block"):
+        modfx.transform(Stack([PositionsInside(), PositionsInside()]), (torch.randn(2, 16, 32),))

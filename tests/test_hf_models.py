@@ -110,6 +110,11 @@ CASES = {
     "vit": Case(hf("ViTModel", "ViTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=128, image_size=16, patch_size=4, num_channels=3),
                 pixels, "last_hidden_state", [(2, 3)], blocks=("layers.0", "layers.1")),
+    "mixtral": Case(hf("MixtralForCausalLM", "MixtralConfig", **TEXT, num_key_value_heads=2, use_cache=False,
+                       num_local_experts=4, num_experts_per_tok=2), ids_of, "logits", ROPE_MASK, compile=False),
+    "t5": Case(hf("T5EncoderModel", "T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
+                  dropout_rate=0.0), ids_of, "last_hidden_state", [(2, 3), (2, 3)], compile=False,
+               blocks=("encoder.block.1", "encoder.block.2")),  # block 0 makes the shared position bias
     "tenc-pre": Case(lambda: Encoder(True, None), hidden, None, [], positional=True, compile=False),
     "tenc-pre-causal": Case(lambda: Encoder(True, "causal"), hidden, None, [], positional=True, compile=False),
     "tenc-post-mask": Case(lambda: Encoder(False, "mask"), hidden, None, [(2, 3)], positional=True,
@@ -229,8 +234,8 @@ def test_plan_reports_blocks_and_gathered_side_inputs(built):
     for s in side:
         if s.seq_axes == (1,):  # RoPE tables: [1, S, hd], broadcast over the batch
             assert len(s.shape) == 3 and s.shape[0] == "1" and s.broadcast_batch
-        else:  # masks: [B or 1, 1, S, S]
-            assert len(s.shape) == 4 and s.shape[1] == "1"
+        else:  # masks [B or 1, 1, S, S] and position biases [1, H, S, S]
+            assert len(s.shape) == 4 and s.shape[1] in ("1", "4")
     assert p.routed[0].name in str(p)
 
 
@@ -331,4 +336,18 @@ def test_position_table_sliced_inside_the_block_is_refused():
     model = hf("MptForCausalLM", "MptConfig", "eager", vocab_size=V, d_model=64, n_layers=2, n_heads=4,
                max_seq_len=64, use_cache=False)().eval()
     with pytest.raises(modfx.ModfxError, match=r"block transformer\.blocks\.0: node \w+ slices a position table"):
+        modfx.transform(model, example_kwargs=ids_of())
+
+
+def test_group_members_that_are_no_block_are_left_out_with_a_warning():
+    model = CASES["t5"].build().eval()
+    with pytest.warns(UserWarning, match=r"uses 2 of the 3 modules encoder\.block\.\* as blocks.*encoder\.block\.0 has 2 values"):
+        mod = modfx.transform(model, example_kwargs=ids_of())
+    assert [b.name for b in modfx.plan(mod).blocks] == ["encoder.block.1", "encoder.block.2"]
+
+
+def test_routing_sublayers_of_an_unusable_larger_group_warns():
+    model = hf("T5EncoderModel", "T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+               dropout_rate=0.0)().eval()
+    with pytest.warns(UserWarning, match=r"routes the 2 blocks encoder\.block\.1\.layer\.\*.*the group encoder\.block\.\*"):
         modfx.transform(model, example_kwargs=ids_of())

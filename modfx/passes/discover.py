@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections import defaultdict
 
 import sympy
@@ -92,12 +93,20 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
 
     found: list[tuple[int, int, str, list[Block]]] = []
     reasons: list[str] = []
+    rejected: dict[str, tuple[int, str]] = {}
+    skipped: dict[str, list[str]] = {}
     for prefix, members in groups.items():
-        try:
-            blocks = [_analyse(graph, members[i], i, seq_expr) for i in sorted(members)]
-        except _Invalid as e:
-            reasons.append(f"{prefix}.*: {e}")
+        blocks, bad = [], []
+        for i in sorted(members):
+            try:
+                blocks.append(_analyse(graph, members[i], i, seq_expr))
+            except _Invalid as e:
+                bad.append(str(e))
+        if bad and (len(blocks) < 2 or 2 * len(bad) >= len(members)):
+            reasons.append(f"{prefix}.*: {bad[0]}")
+            rejected[prefix] = (len(members), bad[0])
             continue
+        skipped[prefix] = bad  # a few members that are no block (e.g. T5's first, which makes the position bias)
         found.append((-len(blocks), prefix.count("."), prefix, blocks))
     if not found:
         detail = "".join(f"\n  - {r}" for r in reasons[:8]) or "\n  - no module path ends in an index"
@@ -107,7 +116,22 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
             "state of the same shape with a residual add of their input. Candidates rejected:" + detail
         )
     found.sort(key=lambda t: t[:3])
-    blocks = found[0][3]
+    prefix, blocks = found[0][2], found[0][3]
+    if skipped[prefix]:
+        warnings.warn(
+            f"modfx uses {len(blocks)} of the {len(blocks) + len(skipped[prefix])} modules {prefix}.* as blocks; "
+            f"the others stay as they are and are never routed: {'; '.join(skipped[prefix])}",
+            stacklevel=2,
+        )
+    for outer, (count, why) in rejected.items():  # e.g. T5: encoder.block.* pass a position bias along
+        if prefix.startswith(outer + "."):
+            warnings.warn(
+                f"modfx routes the {len(blocks)} blocks {prefix}.*, which lie inside one member of the group "
+                f"{outer}.* ({count} members) that it cannot use as blocks: {why}. Only these "
+                f"{len(blocks)} sublayers can be routed; make each {outer}.N map the hidden state alone to route "
+                "the model's real blocks.",
+                stacklevel=2,
+            )
     for i, b in enumerate(blocks):
         b.index = i
     return blocks
@@ -172,7 +196,10 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
     ]
     for n in nodes:
         if n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
-            if any(s_expr.free_symbols & sympy.sympify(e).free_symbols for e in shape_exprs(n) or ()):
+            # positions: a length that follows S alone (an arange over B * S * ..., e.g. an inverse
+            # permutation of routed expert slots, numbers no token positions)
+            lengths = [sympy.sympify(e).free_symbols for e in shape_exprs(n) or ()]
+            if any(f & s_expr.free_symbols and f <= s_expr.free_symbols for f in lengths):
                 raise ModfxError(
                     f"block {path}: node {n.name} computes positions inside the block (arange over the token "
                     "axis). After routing the block sees only k tokens, so these positions would be compacted "
