@@ -85,8 +85,8 @@ def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
 
 
 def _drop_dtype_asserts(graph: Graph) -> None:
-    """Export asserts the dtype a `.to()` saw at capture (`_assert_tensor_metadata`); under autocast the
-    same value may be bf16 at run time, where the model itself runs on, so the asserts go."""
+    """Export asserts the dtype a `.to()` saw at capture (`_assert_tensor_metadata`). Under autocast the
+    same value may be bf16 at run time, which the model itself accepts, so the asserts go."""
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users:
             graph.erase_node(n)
