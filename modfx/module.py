@@ -9,6 +9,7 @@ for the current mode with `self` as the owner of every weight, and rebuilds the 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import types
 import warnings
@@ -57,6 +58,8 @@ class MoDModule(nn.Module):
         self._n_outputs = 0
         self._kw_order: tuple[str, ...] = ()
         self._input_sizes: tuple = ()  # per flat input: (name, sizes with None for a dynamic axis) or None
+        self._n_args = 0  # positional inputs of the example
+        self._model_signature: inspect.Signature | None = None  # the model's forward, to rearrange calls
         self._stats: tuple = ()
         self.modfx_plan = None
 
@@ -112,6 +115,8 @@ class MoDModule(nn.Module):
         return {(p.dtype, p.device) for p in self.parameters()}
 
     def forward(self, *args, **kwargs):
+        if len(args) != self._n_args or set(kwargs) != set(self._kw_order):
+            args, kwargs = self._as_captured(args, kwargs)
         kwargs = {**{k: kwargs[k] for k in self._kw_order if k in kwargs}, **kwargs}  # captured order
         flat, spec = pytree.tree_flatten((tuple(args), kwargs))
         if spec != self._in_spec:
@@ -126,6 +131,30 @@ class MoDModule(nn.Module):
         n = self._n_outputs
         self._stats = tuple(outs[n:])
         return pytree.tree_unflatten(list(outs[:n]), self._out_spec)
+
+    @torch.compiler.disable
+    def _as_captured(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call rearranged like the example, positional or keyword input by input, as the model's
+        signature binds it (mod(input_ids=ids) for a capture from (ids,), and the reverse); unchanged
+        when the signature cannot map it (the structure check then says what differs)."""
+        sig = self._model_signature
+        params = list(sig.parameters.values()) if sig is not None else []
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if sig is None or self._n_args > len(positional):
+            return args, kwargs
+        try:
+            named = dict(sig.bind(*args, **kwargs).arguments)
+        except TypeError:
+            return args, kwargs
+        for p in params:
+            if p.kind is p.VAR_KEYWORD:
+                named.update(named.pop(p.name, {}))
+            elif p.kind is p.VAR_POSITIONAL and named.pop(p.name, ()):
+                return args, kwargs
+        wanted = positional[: self._n_args]
+        if set(named) != {*wanted, *self._kw_order}:
+            return args, kwargs
+        return tuple(named[n] for n in wanted), {k: named[k] for k in self._kw_order}
 
     def _check_sizes(self, flat: list) -> None:
         """Static axes of the captured inputs (e.g. an image's height) are baked into the graph."""

@@ -89,6 +89,17 @@ def test_calling_with_another_structure_says_how_to_call():
         mod(ids(), ids())
 
 
+def test_inputs_go_by_keyword_or_by_position_as_the_models_signature_allows():
+    model = small().eval()
+    x = ids()
+    by_position, by_keyword = modfx.transform(model, (x,)), modfx.transform(model, example_kwargs={"idx": x})
+    by_keyword.load_state_dict(by_position.state_dict())  # the same routers and predictors
+    want = by_position(x).logits
+    for mod in (by_position, by_keyword):
+        torch.testing.assert_close(mod(x).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(mod(idx=x).logits, want, rtol=0, atol=0)
+
+
 def test_other_batch_sizes_and_short_sequences_work():
     model = small().eval()
     mod = modfx.transform(model, (ids(),), capacity=1.0, weighting="none")
