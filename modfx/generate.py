@@ -13,6 +13,7 @@ import inspect
 import warnings
 
 import torch
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .capture import capture
@@ -20,7 +21,9 @@ from .errors import ModfxError
 from .module import MoDModule, program
 from .passes import run_pipeline
 from .passes.discover import find_blocks
+from .passes.graph_utils import module_paths
 from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
+from .passes.predictor import _ATTENTION
 
 
 @dataclasses.dataclass
@@ -31,6 +34,8 @@ class Decoder:
     n_stats: int
     pos_name: str
     out_spec: object  # output structure of both programs' user outputs
+    prompt_graph: GraphModule  # the captured prompt graph, unrewritten: probed for its attention masks
+    causal_upto: int = 0  # the length up to which every attention mask was found plainly causal
 
 
 def _copy(graph):
@@ -93,8 +98,62 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
         decode = program(mod, dg)
     finally:
         twin.train(was_training)
-    decoders[dense] = Decoder(prefill, decode, sig, len(stats), pos_name, pre.out_spec)
+    decoders[dense] = Decoder(prefill, decode, sig, len(stats), pos_name, pre.out_spec, pre.modules[False])
     return decoders[dense]
+
+
+class _AttentionMasks(torch.fx.Interpreter):
+    """Runs a captured graph and keeps, per attention op, (its node, attn_mask, is_causal)."""
+
+    def call_module(self, target, args, kwargs):
+        if target == "_guards_fn":  # export's input guards, written for the capture's own call
+            return None
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is _ATTENTION:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.found.append((n, mask, kwargs.get("is_causal", args[5] if len(args) > 5 else False)))
+        return out
+
+
+def _plainly_causal(mask, is_causal: bool, length: int) -> bool:
+    """True if attention with (mask, is_causal) lets token i see exactly tokens 0..i, with no bias."""
+    tril = torch.ones(length, length, dtype=torch.bool).tril()
+    if mask is None:
+        return bool(is_causal)
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        blocked = mask <= torch.finfo(mask.dtype).min / 2  # -inf or the dtype's min
+        if not bool(((mask == 0) | blocked).all()):
+            return False  # an additive bias (e.g. ALiBi) on allowed pairs
+        allowed = ~blocked
+    return bool((allowed.cpu() == tril).all())
+
+
+def _check_causal_masks(dec: Decoder, length: int, device) -> None:
+    """The decode step attends over the cached tokens with `slot < len` and to itself: right only where
+    the model's own mask is plainly causal. Probe the prompt graph at `length` tokens (once per length
+    above the largest checked) and refuse a sliding window or an attention bias."""
+    if length <= dec.causal_upto:
+        return
+    probe = _AttentionMasks(dec.prompt_graph)
+    probe.found = []
+    with torch.no_grad():
+        probe.run(torch.zeros(1, length, dtype=torch.long, device=device))
+    for node, mask, is_causal in probe.found:
+        if not _plainly_causal(mask, is_causal, length):
+            where = (module_paths(node) or ["?"])[-1]
+            raise ModfxError(
+                f"generate cannot decode this model at {length} tokens: the attention in {where} does not use a "
+                "plain causal mask there (a sliding window, or an attention bias such as ALiBi?). The KV caches "
+                "keep only the routed tokens, not their positions, so a decode step cannot rebuild that mask. "
+                "Full-sequence causal routing (modfx.set_routing(mod, 'predictor')) handles it."
+            )
+    dec.causal_upto = length
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -131,6 +190,7 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ModfxError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
     dec = decoder(mod, dense)
+    _check_causal_masks(dec, input_ids.shape[1] + max_new_tokens, input_ids.device)
     n_out = dec.out_spec.num_leaves
     B, P = input_ids.shape
     L = P + max_new_tokens

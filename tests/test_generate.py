@@ -152,3 +152,38 @@ def test_generation_after_a_dtype_change_uses_the_converted_model():
     got, logits = modfx.generate(mod, ids, 2, return_logits=True)
     assert logits.dtype == torch.float64
     assert torch.equal(got, modfx.generate(mod, ids, 2))
+
+
+def _hf(cls_name, config_name, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=V, hidden_size=32, num_attention_heads=4, use_cache=False, **kw)
+    return getattr(transformers, cls_name)._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _hf("MistralForCausalLM", "MistralConfig", intermediate_size=64, num_hidden_layers=2,
+                num_key_value_heads=2, sliding_window=4),
+    lambda: _hf("FalconForCausalLM", "FalconConfig", num_hidden_layers=2, alibi=True),
+], ids=["sliding-window", "alibi"])
+def test_attention_masks_the_caches_cannot_rebuild_are_refused(build):
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(build(), (ids,)).eval()
+    for dense in (False, True):
+        with pytest.raises(modfx.ModfxError, match="does not use a plain causal mask"):
+            modfx.generate(mod, ids, 4, dense=dense)
+
+
+def test_cached_generation_of_a_mixture_of_experts_model_equals_recomputing_the_sequence():
+    # the MoE block reads the size B * S * top_k, which no input carries as one axis: inside the cond
+    # branch it is rebuilt from the axes that carry B and S
+    model = _hf("MixtralForCausalLM", "MixtralConfig", intermediate_size=64, num_hidden_layers=2,
+                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(model, (ids,)).eval()
+    with torch.no_grad():
+        mod.get_submodule("model.layers.1.mod_predictor")[2].bias.fill_(100.0)  # every token runs the block
+    got_ids, got_logits = modfx.generate(mod, ids, 4, return_logits=True)
+    want_ids, want_logits = recompute(mod, ids, 4)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)

@@ -49,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, erase_unused, fake_mode_of, run_fake, shape_exprs
+from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, run_fake, shape_exprs
 from .predictor import _ATTENTION, predictor_logits
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -244,7 +244,10 @@ def _skip_unselected(graph: Graph, root: nn.Module, b: Block, config, name: str)
     for a in [n for n in region if n.target is _ATTENTION]:
         kv += list(a.meta["modfx_new_kv"])
     outs = [f] + kv
-    operands, true_gm, false_gm = _extract(graph, region, outs)
+    try:
+        operands, true_gm, false_gm = _extract(graph, region, outs)
+    except ModfxError as e:
+        raise ModfxError(f"block {b.name}: {e}") from e
     root.add_module(f"{name}_run", true_gm)
     root.add_module(f"{name}_skip", false_gm)
     with graph.inserting_before(f.next):
@@ -329,11 +332,30 @@ def _size_from(sub: Graph, s: Node, tensors: list[Node], env) -> Node:
 
 
 def _size_in(sub: Graph, size_val, tensors: list[Node], env):
+    """size_val read off the operands inside a branch: the axis that carries it, or, for a product of
+    sizes such as B * S * top_k in a mixture-of-experts layer, the expression over axes that carry its
+    symbols."""
     if not isinstance(size_val, torch.SymInt):
         return int(size_val)
     e = size_val.node.expr
+    axis_of = {}
     for t in tensors:
         for ax, d in enumerate(t.meta["val"].shape):
-            if isinstance(d, torch.SymInt) and d.node.expr == e:
-                return sub.call_function(aten.sym_size.int, (env[t], ax))
-    raise ModfxError(f"no operand carries the size {e} needed inside a torch.cond branch")
+            if isinstance(d, torch.SymInt):
+                axis_of.setdefault(d.node.expr, (t, ax, d))
+
+    def read(t, ax, d):
+        n = sub.call_function(aten.sym_size.int, (env[t], ax))
+        n.meta["val"] = d
+        return n
+
+    if e in axis_of:
+        return read(*axis_of[e])
+    missing = [str(s) for s in e.free_symbols if s not in axis_of]
+    if missing:
+        raise ModfxError(
+            f"generate cannot skip this routed block at decode: its graph uses the size {e}, and no input of the "
+            f"block carries {', '.join(missing)} as an axis, so the block cannot move into a torch.cond branch. "
+            "Sample with dense=True, or with full-sequence causal routing (modfx.set_routing(mod, 'predictor'))."
+        )
+    return emit_sym_expr(sub, e, {s: read(*axis_of[s]) for s in e.free_symbols})
