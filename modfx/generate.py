@@ -105,6 +105,10 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
 class _AttentionMasks(torch.fx.Interpreter):
     """Runs a captured graph and keeps, per attention op, (its node, attn_mask, is_causal)."""
 
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm)
+        self.found: list[tuple] = []
+
     def call_module(self, target, args, kwargs):
         if target == "_guards_fn":  # export's input guards, written for the capture's own call
             return None
@@ -141,7 +145,6 @@ def _check_causal_masks(dec: Decoder, length: int, device) -> None:
     if length <= dec.causal_upto:
         return
     probe = _AttentionMasks(dec.prompt_graph)
-    probe.found = []
     with torch.no_grad():
         probe.run(torch.zeros(1, length, dtype=torch.long, device=device))
     for node, mask, is_causal in probe.found:
