@@ -41,6 +41,11 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     """
     if not isinstance(model, nn.Module):
         raise ModfxError(f"transform expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): capture the model
+        model = model._orig_mod
+    if isinstance(model, MoDModule):
+        raise ModfxError("this module is already the result of modfx.transform; transform the original model "
+                         "(with another config if needed) instead")
     config = config or MoDConfig()
     if not isinstance(config, MoDConfig):
         raise ModfxError(f"config must be a modfx.MoDConfig, got {type(config).__name__}")

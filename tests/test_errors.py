@@ -100,6 +100,19 @@ def test_inputs_go_by_keyword_or_by_position_as_the_models_signature_allows():
         torch.testing.assert_close(mod(idx=x).logits, want, rtol=0, atol=0)
 
 
+def test_a_torch_compiled_model_is_transformed_through_its_original_module():
+    model = small().eval()
+    x = ids()
+    got = modfx.transform(torch.compile(model), (x,), capacity=1.0, weighting="none")
+    torch.testing.assert_close(got(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_transforming_a_transformed_module_says_to_transform_the_original():
+    mod = modfx.transform(small(), (ids(),))
+    with pytest.raises(modfx.ModfxError, match="already the result of modfx.transform"):
+        modfx.transform(mod, (ids(),))
+
+
 def test_other_batch_sizes_and_short_sequences_work():
     model = small().eval()
     mod = modfx.transform(model, (ids(),), capacity=1.0, weighting="none")
