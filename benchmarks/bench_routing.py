@@ -126,11 +126,14 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     r = torch.nn.functional.linear(x, w)
     idx = torch.sort(torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1][:, :k], dim=1)[0]
     xg, upd = torch.randn(B, k, D, generator=g), torch.randn(B, k, D, generator=g)
-    w1, b1, w2, b2 = torch.randn(h, D, generator=g) / D ** 0.5, torch.zeros(h), torch.randn(1, h, generator=g) / h ** 0.5, torch.zeros(1)
-    x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2 = map(args.to, (x, cos, sin, w, r, idx, xg, upd, w1, b1, w2, b2))
-    other_widths = {n: tuple(map(args.to, (torch.randn(n, D, generator=g) / D ** 0.5, torch.zeros(n),
-                                           torch.randn(1, n, generator=g) / n ** 0.5, torch.zeros(1))))
-                    for n in (max(h // 2, 1), 2 * h)}
+
+    def predictor_weights(n):  # Linear(D, n) -> GELU -> Linear(n, 1)
+        return tuple(map(args.to, (torch.randn(n, D, generator=g) / D ** 0.5, torch.zeros(n),
+                                   torch.randn(1, n, generator=g) / n ** 0.5, torch.zeros(1))))
+
+    w1, b1, w2, b2 = predictor_weights(h)
+    x, cos, sin, w, r, idx, xg, upd = map(args.to, (x, cos, sin, w, r, idx, xg, upd))
+    other_widths = {n: predictor_weights(n) for n in (max(h // 2, 1), 2 * h)}
     F = torch.nn.functional
     grad = args.backward
 

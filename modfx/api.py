@@ -191,7 +191,7 @@ def _batch_of_two(args: tuple, kwargs: dict):
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
     if not tensors or any(t.shape[0] != 1 for t in tensors):
         return args, kwargs
-    return pytree.tree_map(lambda t: torch.cat([t, t]) if any(t is u for u in tensors) else t, (args, kwargs))
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t, (args, kwargs))
 
 
 def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):

@@ -91,10 +91,8 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
             if m:
                 groups[m.group(1)][int(m.group(2))] = path
 
-    found: list[tuple[int, int, str, list[Block]]] = []
-    reasons: list[str] = []
+    found: list[tuple[int, int, str, list[Block], list[str]]] = []  # ..., members that are no block
     rejected: dict[str, tuple[int, str]] = {}
-    skipped: dict[str, list[str]] = {}
     for prefix, members in groups.items():
         blocks, bad = [], []
         for i in sorted(members):
@@ -103,24 +101,23 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
             except _Invalid as e:
                 bad.append(str(e))
         if bad and (len(blocks) < 2 or 2 * len(bad) >= len(members)):
-            reasons.append(f"{prefix}.*: {bad[0]}")
             rejected[prefix] = (len(members), bad[0])
             continue
-        skipped[prefix] = bad  # a few members that are no block (e.g. T5's first, which makes the position bias)
-        found.append((-len(blocks), prefix.count("."), prefix, blocks))
+        found.append((-len(blocks), prefix.count("."), prefix, blocks, bad))  # bad: e.g. T5's block 0
     if not found:
-        detail = "".join(f"\n  - {r}" for r in reasons[:8]) or "\n  - no module path ends in an index"
+        detail = "".join(f"\n  - {p}.*: {why}" for p, (_, why) in list(rejected.items())[:8])
+        detail = detail or "\n  - no module path ends in an index"
         raise ModfxError(
             "no transformer blocks found. modfx looks for repeated sibling modules (e.g. `layers.0`, "
             "`layers.1`, ... in an nn.ModuleList) whose nodes map a hidden state [B, S, D] to a hidden "
             "state of the same shape with a residual add of their input. Candidates rejected:" + detail
         )
     found.sort(key=lambda t: t[:3])
-    prefix, blocks = found[0][2], found[0][3]
-    if skipped[prefix]:
+    prefix, blocks, skipped = found[0][2:]
+    if skipped:
         warnings.warn(
-            f"modfx uses {len(blocks)} of the {len(blocks) + len(skipped[prefix])} modules {prefix}.* as blocks; "
-            f"the others stay as they are and are never routed: {'; '.join(skipped[prefix])}",
+            f"modfx uses {len(blocks)} of the {len(blocks) + len(skipped)} modules {prefix}.* as blocks; "
+            f"the others stay as they are and are never routed: {'; '.join(skipped)}",
             stacklevel=2,
         )
     for outer, (count, why) in rejected.items():  # e.g. T5: encoder.block.* pass a position bias along

@@ -106,8 +106,8 @@ def symint_node(graph: Graph, sym: sympy.Symbol) -> Node | None:
     return None
 
 
-_SYMPY_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul}
-_MIN_MAX = {sympy.Max: torch.sym_max, sympy.Min: torch.sym_min, _sympy_fns.Max: torch.sym_max, _sympy_fns.Min: torch.sym_min}
+_SYMPY_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul, sympy.Max: torch.sym_max, sympy.Min: torch.sym_min,
+              _sympy_fns.Max: torch.sym_max, _sympy_fns.Min: torch.sym_min}  # torch's own Max / Min too
 
 
 def emit_sym_expr(graph: Graph, e: sympy.Expr, leaves: dict[sympy.Symbol, Any], *, stack=None) -> Any:
@@ -126,8 +126,8 @@ def emit_sym_expr(graph: Graph, e: sympy.Expr, leaves: dict[sympy.Symbol, Any], 
             return fn(a, b)
         return call(graph, fn, (a, b), stack=stack)
 
-    fn = _SYMPY_OPS.get(type(e)) or next((f for t, f in _MIN_MAX.items() if isinstance(e, t)), None)
-    if fn is not None:
+    if type(e) in _SYMPY_OPS:
+        fn = _SYMPY_OPS[type(e)]
         terms = [emit_sym_expr(graph, a, leaves, stack=stack) for a in e.args]
         out = terms[0]
         for t in terms[1:]:
