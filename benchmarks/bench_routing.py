@@ -17,14 +17,15 @@ Times are medians over interleaved rounds.
 
 --ops adds a per-op breakdown: each routing op of one block, compiled on its own
 (`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat),
-forward or, with --backward, forward + backward: router over S (ranking only), stable sort + slice +
-index sort, gather of RoPE cos, sin, the router on the k chosen tokens (passes/rescore.py), the chosen
-rows of x and the merge timed together (x -> x_k -> delta = x_k * u -> merged x; their backwards meet in
-x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), predictor MLP (+ its target scatter
-and BCE); and, for comparison, the earlier formulations: gather + scatter_add (before commit b475f86),
-gather + scatter of x_k + delta, and the router over S with gradient, then a gather of r (both before
-2026-12-04); and two alternatives to the predictor not taken: half and twice its width, and the router
-over S and the predictor's first layer as one GEMM that reads x once.
+forward or, with --backward, forward + backward: the router over S (ranking only; the routing without the
+predictor), stable sort + slice + index sort, gather of RoPE cos, sin, the router on the k chosen tokens
+(passes/rescore.py), the chosen rows of x and the merge timed together (x -> x_k -> delta = x_k * u ->
+merged x; their backwards meet in x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), and
+the router over S with the predictor's first layer as one [D, 1 + h] GEMM, then the rest of the predictor
+MLP, its target scatter and BCE (passes/fuse_scores.py; the routing with the predictor). For comparison,
+the earlier formulations: the predictor as its own GEMM next to the router's (before 2026-12-05), one GEMM
+at h = 16 (17 columns), gather + scatter_add (before commit b475f86), gather + scatter of x_k + delta, and
+the router over S with gradient, then a gather of r (both before 2026-12-04).
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
@@ -133,7 +134,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
 
     w1, b1, w2, b2 = predictor_weights(h)
     x, cos, sin, w, r, idx, xg, upd = map(args.to, (x, cos, sin, w, r, idx, xg, upd))
-    other_widths = {n: predictor_weights(n) for n in (max(h // 2, 1), 2 * h)}
+    wide = predictor_weights(h + 1)
     F = torch.nn.functional
     grad = args.backward
 
@@ -171,56 +172,57 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         xg = torch.gather(x, 1, index)
         return torch.scatter(x, 1, index, xg + xg * u)
 
-    def predictor(x, idx, w1, b1, w2, b2):
+    def predictor(x, idx, w1, b1, w2, b2):  # before 2026-12-05: its own GEMM, next to the router's
         p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
         return F.binary_cross_entropy_with_logits(p, target)
 
     def router_and_predictor(x, idx, w, w1, b1, w2, b2):  # one GEMM reads x for both: [D, 1 + h]
-        o = F.linear(x.detach(), torch.cat([w, w1]), torch.cat([b1.new_zeros(1), b1]))
-        p = F.linear(F.gelu(o[..., 1:]), w2, b2).squeeze(-1)
+        o = F.linear(x.detach(), torch.cat([w.detach(), w1]))
+        p = F.linear(F.gelu(o[..., 1:] + b1), w2, b2).squeeze(-1)
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
-        return o[..., 0], F.binary_cross_entropy_with_logits(p, target)
+        return o[..., :1].detach(), F.binary_cross_entropy_with_logits(p, target)
 
-    # (name, fn, inputs, indices of the inputs that get a gradient in training, counted in the sum)
-    ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), True),
-           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), True),
-           ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), True),
-           ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), True),
-           ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), True),
-           ("predictor MLP over S + target scatter + BCE", predictor, (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), True),
-           *((f"width {n} instead of {h}: predictor MLP + target + BCE (not summed)", predictor, (x, idx, *p), (2, 3, 4, 5), False)
-             for n, p in other_widths.items()),
-           ("router over S and predictor in one GEMM, + target + BCE (not summed)", router_and_predictor,
-            (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), False),
-           ("before: x_k and merge: gather + scatter_add (not summed)", merge_scatter_add, (x, idx, upd), (0, 2), False),
-           ("before: x_k and merge: gather + scatter (not summed)", merge_scatter, (x, idx, upd), (0, 2), False),
-           ("before: router over S with grad + gather r (not summed)", router_with_gather, (x, w, idx), (0, 1), False)]
+    # (name, fn, inputs, indices of the inputs that get a gradient in training, sums it counts in: "-" without
+    # the predictor, "+" with it)
+    ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), "-"),
+           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), "-+"),
+           ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), "-+"),
+           ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), "-+"),
+           ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), "-+"),
+           (f"router over S + predictor in one GEMM [D,1+{h}], MLP, target, BCE", router_and_predictor,
+            (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), "+"),
+           (f"before: predictor MLP (its own [D,{h}] GEMM) + target + BCE, next to the router", predictor,
+            (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), ""),
+           (f"one GEMM at width {h + 1} ([D,{h + 2}]: a 17th column), MLP, target, BCE", router_and_predictor,
+            (x, idx, w, *wide), (3, 4, 5, 6), ""),
+           ("before: x_k and merge: gather + scatter_add", merge_scatter_add, (x, idx, upd), (0, 2), ""),
+           ("before: x_k and merge: gather + scatter", merge_scatter, (x, idx, upd), (0, 2), ""),
+           ("before: router over S with grad + gather r", router_with_gather, (x, w, idx), (0, 1), "")]
     rows = []
-    for name, fn, inp, needs, summed in ops:
+    for name, fn, inp, needs, sums in ops:
         cli.log(f"op: {name}")
         t = cli.time_ms(_op_call(fn, inp, needs, grad), args.device, args.op_repeat)
-        rows.append((name, statistics.median(t), min(t), summed))
+        rows.append((name, statistics.median(t), min(t), sums))
     context = in_context(args, ops, grad)
     kind = "forward + backward" if grad else "forward"
     print(f"\nrouting ops alone, each compiled separately, {kind}, median of {args.op_repeat} "
           f"(B={B} S={S} D={D} k={k} predictor {D}->{h}->1);\n% of the full block (dense2 - dense1 = {full_ms:.1f} ms) "
           f"and of the routed block at k (mod - dense1 = {routed_ms:.1f} ms)")
     pct = lambda v: (f"{100 * v / full_ms:.2f}%", f"{100 * v / routed_ms:.1f}%")  # noqa: E731
-    routing = sum(m for n, m, _, summed in rows if summed and not n.startswith("predictor"))
-    tot = routing + next(m for n, m, _, _ in rows if n.startswith("predictor"))
-    ctx = lambda n: f"{context[n]:.3f}" if n in context else ""  # noqa: E731
-    ctx_sum = lambda pred: sum(context.get(n, m) for n, m, _, summed in rows  # noqa: E731
-                               if summed and (pred or not n.startswith("predictor")))
-    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m), ctx(n)) for n, m, mn, _ in rows]
-                   + [("sum without predictor", f"{routing:.3f}", "", *pct(routing), f"{ctx_sum(False):.3f}"),
-                      ("sum with predictor", f"{tot:.3f}", "", *pct(tot), f"{ctx_sum(True):.3f}")],
+    alone = {sign: sum(m for _, m, _, sums in rows if sign in sums) for sign in "-+"}
+    ctx = {sign: sum(context.get(n, m) for n, m, _, sums in rows if sign in sums) for sign in "-+"}
+    cell = lambda n: f"{context[n]:.3f}" if n in context else ""  # noqa: E731
+    sums = [(f"sum {label} predictor", f"{alone[sign]:.3f}", "", *pct(alone[sign]), f"{ctx[sign]:.3f}")
+            for sign, label in (("-", "without"), ("+", "with"))]
+    print(tabulate([(n, f"{m:.3f}", f"{mn:.3f}", *pct(m), cell(n)) for n, m, mn, _ in rows] + sums,
                    headers=["op", "median ms", "min ms", "% of full block", "% of routed block", "in context ms"],
                    disable_numparse=True))
-    print(f"in context: the op on x = a + b (kept) with RMSNorm(x) (or of the merged x) as the next consumer, minus that "
-          f"context alone; medians of {args.op_repeat} interleaved rounds; sums use the isolated time where no "
-          f"in-context time is given. With predictor: {100 * ctx_sum(True) / routed_ms:.1f}% of the routed block, "
-          f"without: {100 * ctx_sum(False) / routed_ms:.1f}%.")
+    print(f"rows starting 'before' or 'one GEMM at width' are comparisons, not in the sums. In context: the op on "
+          f"x = a + b (kept) with RMSNorm(x) (or of the merged x) as the next consumer, minus that context alone; "
+          f"medians of {args.op_repeat} interleaved rounds; sums use the isolated time where no in-context time is "
+          f"given. With predictor: {100 * ctx['+'] / routed_ms:.1f}% of the routed block, without: "
+          f"{100 * ctx['-'] / routed_ms:.1f}%.")
 
 
 def _op_call(fn, inp, needs, grad):

@@ -12,8 +12,10 @@ WEIGHTINGS = ("raw", "sigmoid", "none", "ste")
 
 def predictor_width(d_model: int) -> int:
     """Default hidden width of the predictor MLP. Its FLOPs over all S tokens, 2*S*d*h, are h / (1.5 d) of a
-    routed block's ~24*k*d^2 at k = S/8: d // 32 keeps that near 2% (d // 8 cost 7.4% of the block's time)."""
-    return max(d_model // 32, 16)
+    routed block's ~24*k*d^2 at k = S/8: about d // 32 keeps that near 2% (d // 8 cost 7.4% of the block's
+    time). One less than a multiple of 16, so that the router's column and the predictor's first layer form
+    one GEMM of 16n columns (passes/fuse_scores.py): a CPU's 16-lane tile, where 17 columns cost ~0.2 ms more."""
+    return max(d_model // 32, 16) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class MoDConfig:
         "ste" x + (1 + r - stopgrad(r)) * f(x) (forward unchanged, router learns by straight-through).
     predictor: add the causal predictor branch (a small MLP on stopgrad(x), BCE vs top-k membership).
     predictor_hidden: hidden width of the predictor MLP (default `predictor_width(d_model)`:
-        max(d_model // 32, 16), about 2% of a routed block's FLOPs at capacity 0.125).
+        max(d_model // 32, 16) - 1, about 2% of a routed block's FLOPs at capacity 0.125).
     aux_loss_weight: weight of the predictor's BCE loss, injected into the backward pass.
     router_aux_weight: weight of a BCE loss on the router's own score against top-k membership (the
         paper's other option for causal sampling): it pushes chosen tokens' r above 0 and the others'

@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils import _pytree as pytree
 
+from .config import MoDConfig
 from .errors import ModfxError
 from .module import MoDModule
 
@@ -45,10 +48,19 @@ def rebuild(blob: dict) -> MoDModule:
     from .api import set_routing, transform
 
     args, kwargs = blob["example_inputs"]
-    mod = transform(blob["model"], args, blob["config"], example_kwargs=kwargs)
+    mod = transform(blob["model"], args, _saved_widths(blob["config"], blob["state_dict"]), example_kwargs=kwargs)
     mod.load_state_dict(blob["state_dict"])
     mod.train(blob["training"])
     return set_routing(mod, blob["routing"])
+
+
+def _saved_widths(config: MoDConfig, state_dict: dict) -> MoDConfig:
+    """The config with the predictor width the saved weights have, where it was left to the default (which
+    changed from max(d // 32, 16) to one less in modfx 2026-12-05)."""
+    widths = {v.shape[0] for k, v in state_dict.items() if k.endswith(".mod_predictor.0.weight")}
+    if config.predictor and config.predictor_hidden is None and len(widths) == 1:
+        return dataclasses.replace(config, predictor_hidden=widths.pop())
+    return config
 
 
 def save(mod: MoDModule, path) -> None:

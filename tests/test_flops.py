@@ -83,7 +83,9 @@ def test_routed_block_body_scales_with_k(case):
     r = rows(case.routed)
     assert r["attention"].expr == att * B * S**2 + att * B * k**2  # layers.0 on S, layers.1 on k
     assert r["matmul"].expr == (lin + 2 * D * V) * B * S + lin * B * k
-    assert r["router"].expr == 2 * D * B * S + 2 * D * B * k  # ranks all S tokens, re-scores the k chosen
+    assert r["router"].expr == 2 * D * B * k  # re-scores the k chosen tokens
+    h = modfx.config.predictor_width(D)  # the ranking over all S shares the predictor's first GEMM [D, 1 + h]
+    assert sympy.expand(r["predictor"].expr).coeff(S).coeff(B) == 2 * D * (1 + h) + 2 * h
     assert {"sort", "topk", "gather", "scatter"} <= set(r)
     assert r["layers.1"].routed and not r["layers.0"].routed
     body = r["layers.1"].expr - sum(r[x].expr for x in ("router", "sort", "topk", "gather", "scatter", "predictor") if x in r)

@@ -1,6 +1,7 @@
 """Workflows: transform(model) alone, routing parameter groups, save/load and pickling, .pt2 and AOTInductor artifacts."""
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -61,6 +62,16 @@ def test_save_and_load_round_trip(built, tmp_path):
     again = modfx.load(tmp_path / "mod.pt")
     assert torch.equal(again(ids).logits, mod(ids).logits)
     assert modfx.plan(again).routed == modfx.plan(mod).routed
+
+
+def test_a_save_made_with_the_old_default_predictor_width_loads(built, tmp_path):
+    model, _, ids = built
+    old = modfx.transform(model, (ids,), predictor_hidden=16).eval()  # the default before 2026-12-05
+    blob = modfx.io.state(old)
+    blob["config"] = dataclasses.replace(blob["config"], predictor_hidden=None)  # as such a save stored it
+    again = modfx.io.rebuild(blob)
+    assert torch.equal(again(ids).logits, old(ids).logits)
+    assert again.get_submodule("layers.1.mod_predictor")[0].weight.shape[0] == 16
 
 
 def test_pt2_export_runs_without_modfx_and_matches_eager(built, tmp_path):

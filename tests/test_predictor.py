@@ -56,6 +56,38 @@ def test_router_aux_loss_adds_the_bce_of_the_router_score_against_top_k_to_its_g
     torch.testing.assert_close(mod.get_submodule("layers.1.mod_router").weight.grad, w.grad)
 
 
+def test_predictor_gradient_is_that_of_its_bce_against_top_k():
+    # the predictor's first layer shares one GEMM with the ranking score; its gradient must still be exactly
+    # that of aux_weight * BCE(predictor(stopgrad(x)), top-k membership) at block 1's input
+    model, mod, ids = make(aux_loss_weight=0.5)
+    out = mod(ids).logits
+    (0 * out.sum()).backward()
+    pred = mod.get_submodule("layers.1.mod_predictor")
+    w = mod.get_submodule("layers.1.mod_router").weight.detach()
+    x1 = model.layers[0](model.tok_emb(ids), *rope_at(model.cos, model.sin, S)).detach()  # [B, S, D]
+    idx = (x1 @ w.T)[..., 0].sort(dim=1, descending=True, stable=True).indices[:, :6]  # k = ceil(0.25 * 24)
+    ref = [p.detach().clone().requires_grad_() for p in pred.parameters()]
+    logits = torch.func.functional_call(pred, dict(zip((n for n, _ in pred.named_parameters()), ref)), (x1,))[..., 0]
+    target = torch.zeros_like(logits).scatter(1, idx, 1.0)
+    (0.5 * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)).backward()
+    for got, want in zip(pred.parameters(), ref):
+        torch.testing.assert_close(got.grad, want.grad)
+    assert mod.get_submodule("layers.1.mod_router").weight.grad.abs().sum() == 0  # no LM loss: no router gradient
+
+
+def test_ranking_score_and_predictor_first_layer_are_one_gemm_over_the_block_input(built):
+    _, mod, _ = built
+    h = modfx.config.predictor_width(D)
+    assert (1 + h) % 16 == 0
+    for key, graph in mod.modfx_graphs.items():
+        # linears over stopgrad(x), all S tokens (no == on the symbolic sizes: it would specialise them)
+        over_s = [n for n in graph.nodes if n.target is torch.ops.aten.linear.default
+                  and n.args[0].target is torch.ops.aten.detach.default]
+        widths = sorted(int(n.meta["val"].shape[-1]) for n in over_s)
+        # top-k: [D, 1 + h] once; predictor routing: the router keeps its gradient, so no fusion there
+        assert widths == ([1 + h] if key[0] == "topk" else [h]), key
+
+
 def test_routing_stats_report_the_last_forward(built):
     _, mod, ids = built
     modfx.set_routing(mod, "topk")

@@ -7,6 +7,7 @@
     -> re-score the chosen tokens (router grad on k only)    passes/rescore.py
     -> predictor branch (BCE aux loss, stats)                passes/predictor.py
     -> router aux loss (optional BCE on r itself)            passes/predictor.py
+    -> one GEMM for the ranking score and the predictor      passes/fuse_scores.py
     -> FLOP budget check                                     passes/flops.py (run by modfx.transform)
 
 `run_pipeline` rewrites one captured graph in place for one routing mode; `modfx.transform` runs it for
@@ -23,6 +24,7 @@ from torch.fx import Graph
 
 from ..config import MoDConfig
 from .discover import Block, find_blocks
+from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .rescore import rescore_chosen
 from .route_topk import route_topk
@@ -61,6 +63,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                 stats.append(block_stats)
             if config.router_aux_weight:
                 new_out = add_router_loss(graph, block, routed_block, r, new_out, config.router_aux_weight)
+            elif config.predictor:  # r only ranks: one GEMM over x for it and the predictor
+                fuse_router_predictor(graph, root, block, r)
         elif mode == "predictor":
             new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting)
             stats.append(block_stats)
