@@ -270,7 +270,9 @@ def in_context(args, ops, grad) -> dict[str, float]:
         def with_context(a, b, *rest):
             x = a + b
             out = fn(x, *rest)
-            return (out, rms(out)) if merges else (x, rms(x), out)
+            if merges:
+                return out, rms(out)
+            return (x, rms(x), *out) if isinstance(out, tuple) else (x, rms(x), out)
         return with_context
 
     calls = {"context": _op_call(base, (a, b), (0,), grad)}
