@@ -23,7 +23,7 @@ predictor), stable sort + slice + index sort, gather of RoPE cos, sin, the route
 merged x; their backwards meet in x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), and
 the router over S with the predictor's first layer as one [D, 1 + h] GEMM, then the rest of the predictor
 MLP, its target scatter and BCE (passes/fuse_scores.py; the routing with the predictor). For comparison,
-the earlier formulations: the predictor as its own GEMM next to the router's (before 2026-12-05), one GEMM
+the earlier formulations: the predictor as its own GEMM next to the router's (before commit 843a86c), one GEMM
 at h = 16 (17 columns), gather + scatter_add (before commit b475f86), gather + scatter of x_k + delta, and
 the router over S with gradient, then a gather of r (both before 2026-12-04).
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
@@ -172,7 +172,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         xg = torch.gather(x, 1, index)
         return torch.scatter(x, 1, index, xg + xg * u)
 
-    def predictor(x, idx, w1, b1, w2, b2):  # before 2026-12-05: its own GEMM, next to the router's
+    def predictor(x, idx, w1, b1, w2, b2):  # before commit 843a86c: its own GEMM, next to the router's
         p = F.linear(F.gelu(F.linear(x.detach(), w1, b1)), w2, b2).squeeze(-1)
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
         return F.binary_cross_entropy_with_logits(p, target)

@@ -56,7 +56,7 @@ def rebuild(blob: dict) -> MoDModule:
 
 def _saved_widths(config: MoDConfig, state_dict: dict) -> MoDConfig:
     """The config with the predictor width the saved weights have, where it was left to the default (which
-    changed from max(d // 32, 16) to one less in modfx 2026-12-05)."""
+    changed from max(d // 32, 16) to one less on 2026-12-04, commit 843a86c)."""
     widths = {v.shape[0] for k, v in state_dict.items() if k.endswith(".mod_predictor.0.weight")}
     if config.predictor and config.predictor_hidden is None and len(widths) == 1:
         return dataclasses.replace(config, predictor_hidden=widths.pop())

@@ -66,7 +66,7 @@ def test_save_and_load_round_trip(built, tmp_path):
 
 def test_a_save_made_with_the_old_default_predictor_width_loads(built, tmp_path):
     model, _, ids = built
-    old = modfx.transform(model, (ids,), predictor_hidden=16).eval()  # the default before 2026-12-05
+    old = modfx.transform(model, (ids,), predictor_hidden=16).eval()  # the default before commit 843a86c
     blob = modfx.io.state(old)
     blob["config"] = dataclasses.replace(blob["config"], predictor_hidden=None)  # as such a save stored it
     again = modfx.io.rebuild(blob)

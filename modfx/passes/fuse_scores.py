@@ -11,9 +11,10 @@ layer reads the same tokens through a stop-gradient. Two narrow GEMMs over [B, S
 
 Values are the same up to rounding; gradients are unchanged: x gets none from either (stop-gradient
 input), w_r gets its gradient from the re-scored chosen tokens only, W1 and b1 from the predictor loss.
-On a CPU with 16-lane vectors, [D, 16] costs what [D, 1] + [D, 15] cost apart minus one pass over x
-(forward 0.83 against 1.15 ms at B=4, S=1024, D=512, 1 thread), which is why the default predictor
-width is one less than a multiple of 16 (`config.predictor_width`).
+On a CPU with 16-lane vectors a [D, 16] GEMM costs what [D, 15] alone costs, so the router's pass over x
+goes (benchmarks/bench_routing.py --ops, B=4, S=1024, D=512, 1 thread, forward: 0.77 ms for the fused
+predictor op against 0.40 + 0.77 ms apart), while a 17th column costs ~0.25 ms: hence the default
+predictor width one less than a multiple of 16 (`config.predictor_width`).
 
 Contract: requires a top-k routed block whose router score r = linear(x, w_r) feeds only `detach` (the
 re-score pass ran) and a predictor whose first layer is linear(detach(x), W1, b1); ensures both come
