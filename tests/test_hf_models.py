@@ -1,5 +1,6 @@
-"""Real models: Hugging Face Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, BERT and ViT, and
-torch.nn.TransformerEncoder, from tiny configs with random weights (nothing is downloaded).
+"""Real models: Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral, Gemma, Phi-3, OLMo 2, StableLM, Falcon,
+OPT, GPT-2, GPT-Neo, GPT-NeoX, BERT, RoBERTa, ViT and the T5 encoder, and torch.nn.TransformerEncoder, from
+tiny configs with random weights (nothing is downloaded).
 
 For each: the default transform runs and keeps the output type; capacity 1.0 with weighting "none"
 reproduces the model; the routed block equals an eager reference (the layer module called on the
@@ -85,6 +86,10 @@ class Case:
     positional: bool = False  # transform(model, (ids,)) instead of example_kwargs=
     compile: bool = True  # with Inductor (else the aot_eager backend: full-graph capture, no codegen)
     blocks: tuple[str, ...] = ()
+    # The model's code reads the dtype of a value inside a block (RMSNorm's `.to(input_dtype)` on the bf16 q, k
+    # projections of Qwen3 and OLMo2). Under autocast that dtype is bf16 at run time but was float32 at
+    # capture, so any captured program (plain torch.export too) runs float32 there: compare with that.
+    reads_dtypes: bool = False
 
 
 CASES = {
@@ -115,6 +120,26 @@ CASES = {
     "t5": Case(hf("T5EncoderModel", "T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
                   dropout_rate=0.0), ids_of, "last_hidden_state", [(2, 3), (2, 3)], compile=False,
                blocks=("encoder.block.1", "encoder.block.2")),  # block 0 makes the shared position bias
+    "gemma": Case(hf("GemmaForCausalLM", "GemmaConfig", **TEXT, num_key_value_heads=2, head_dim=16, use_cache=False),
+                  ids_of, "logits", ROPE_MASK, compile=False),
+    "phi3": Case(hf("Phi3ForCausalLM", "Phi3Config", **TEXT, num_key_value_heads=2, pad_token_id=0, use_cache=False),
+                 ids_of, "logits", ROPE_MASK, compile=False),
+    "qwen3": Case(hf("Qwen3ForCausalLM", "Qwen3Config", **TEXT, num_key_value_heads=2, head_dim=16, use_cache=False),
+                  ids_of, "logits", ROPE_MASK, compile=False, reads_dtypes=True),
+    "olmo2": Case(hf("Olmo2ForCausalLM", "Olmo2Config", **TEXT, num_key_value_heads=2, pad_token_id=0, use_cache=False),
+                  ids_of, "logits", ROPE_MASK, compile=False, reads_dtypes=True),
+    "stablelm": Case(hf("StableLmForCausalLM", "StableLmConfig", **TEXT, num_key_value_heads=2, use_cache=False),
+                     ids_of, "logits", ROPE_MASK, compile=False),
+    "falcon": Case(hf("FalconForCausalLM", "FalconConfig", vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, use_cache=False), ids_of, "logits", ROPE_MASK, compile=False),
+    "opt": Case(hf("OPTForCausalLM", "OPTConfig", vocab_size=V, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64, use_cache=False,
+                   pad_token_id=1, dropout=0.0), padded, "logits", [(2, 3)], compile=False),
+    "gpt-neo": Case(hf("GPTNeoForCausalLM", "GPTNeoConfig", "eager", vocab_size=V, hidden_size=64, num_layers=2, num_heads=4,
+                       max_position_embeddings=64, attention_types=[[["global", "local"], 1]], use_cache=False,
+                       bos_token_id=0, eos_token_id=0), ids_of, "logits", [(2, 3)], compile=False),
+    "roberta": Case(hf("RobertaModel", "RobertaConfig", **TEXT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       pad_token_id=1), padded, "last_hidden_state", [(2, 3)], compile=False),
     "tenc-pre": Case(lambda: Encoder(True, None), hidden, None, [], positional=True, compile=False),
     "tenc-pre-causal": Case(lambda: Encoder(True, "causal"), hidden, None, [], positional=True, compile=False),
     "tenc-post-mask": Case(lambda: Encoder(False, "mask"), hidden, None, [(2, 3)], positional=True,
@@ -131,6 +156,17 @@ def transform(case: Case, model, inputs: dict, **overrides):
     if case.positional:
         return modfx.transform(model, tuple(inputs.values()), **overrides)
     return modfx.transform(model, example_kwargs=inputs, **overrides)
+
+
+def plain_export(case: Case, model, inputs: dict) -> nn.Module:
+    """torch.export of the model itself, without modfx, minus export's dtype asserts (as modfx's capture)."""
+    args, kwargs = (tuple(inputs.values()), {}) if case.positional else ((), inputs)
+    gm = torch.export.export(model, args, kwargs).module()
+    for n in list(gm.graph.nodes):
+        if n.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm
 
 
 def main_output(case: Case, out):
@@ -174,9 +210,14 @@ def test_capacity_one_without_weighting_reproduces_the_model(built):
 def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built):
     name, case, model, inputs, _ = built
     dense = transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    plain = plain_export(case, model, inputs) if case.reads_dtypes else None  # captured without autocast
     # grad mode stays on: under no_grad nn.TransformerEncoder takes its fused fast path, not the captured code
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs))
+        if case.reads_dtypes:
+            eager, want = want, main_output(case, run(case, plain, inputs))
+            torch.testing.assert_close(want, eager, rtol=0, atol=1e-2)  # the capture differs by bf16 rounding
+            assert not torch.equal(want, eager)  # (else the case needs no reads_dtypes)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
