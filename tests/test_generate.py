@@ -187,3 +187,37 @@ def test_cached_generation_of_a_mixture_of_experts_model_equals_recomputing_the_
     want_ids, want_logits = recompute(mod, ids, 4)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_layer=2, n_positions=64, bos_token_id=0, eos_token_id=0),
+    lambda: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", intermediate_size=64, num_hidden_layers=2),
+    lambda: _hf("GemmaForCausalLM", "GemmaConfig", intermediate_size=64, num_hidden_layers=2, num_key_value_heads=1,
+                head_dim=8),
+    lambda: _hf("Phi3ForCausalLM", "Phi3Config", intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                pad_token_id=0),
+    lambda: _hf("Qwen3ForCausalLM", "Qwen3Config", intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                head_dim=8),
+    lambda: _hf("FalconForCausalLM", "FalconConfig", num_hidden_layers=2),
+    lambda: _hf("OPTForCausalLM", "OPTConfig", ffn_dim=64, num_hidden_layers=2, word_embed_proj_dim=32, pad_token_id=1),
+], ids=["gpt2", "gpt-neox", "gemma", "phi3", "qwen3", "falcon", "opt"])
+def test_cached_generation_of_hugging_face_decoders_equals_recomputing_the_sequence(build):
+    ids = torch.randint(0, V, (2, P))
+    model = build()
+    mod = modfx.transform(model, (ids,), capacity=0.5).eval()
+    (block,) = modfx.plan(mod).routed
+    seen = []  # the routed layer's input in the original model: shift its predictor to select about half
+    model.get_submodule(block.name).register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+        pred = mod.get_submodule(f"{block.name}.mod_predictor")
+        pred[2].bias -= pred(seen[0]).median()
+    got_ids, got_logits = modfx.generate(mod, ids, N, return_logits=True)
+    want_ids, want_logits = recompute(mod, ids, N)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+    modfx.set_routing(mod, "predictor")
+    mod(want_ids)
+    selected = modfx.routing_stats(mod)[block.name]["selected"]
+    assert 0.2 < selected < 0.8  # the predictor skips some tokens and runs others: both cache paths are used
