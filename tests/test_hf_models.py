@@ -392,3 +392,13 @@ def test_routing_sublayers_of_an_unusable_larger_group_warns():
                dropout_rate=0.0)().eval()
     with pytest.warns(UserWarning, match=r"routes the 2 blocks encoder\.block\.1\.layer\.\*.*the group encoder\.block\.\*"):
         modfx.transform(model, example_kwargs=ids_of())
+
+
+def test_an_encoder_decoder_routes_its_encoder_and_says_the_decoder_is_not_routed():
+    model = hf("T5ForConditionalGeneration", "T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=3,
+               num_heads=4, dropout_rate=0.0, use_cache=False)().eval()
+    inputs = {**ids_of(), "decoder_input_ids": torch.randint(0, V, (B, 7))}  # the decoder runs over 7 tokens
+    with pytest.warns(UserWarning, match=r"the 3 modules decoder\.block\.\* are not routed.*another sequence"):
+        mod = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    assert [b.name for b in modfx.plan(mod).routed] == ["encoder.block.1", "encoder.block.2"]
+    torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)

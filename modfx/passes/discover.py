@@ -79,6 +79,11 @@ class _Invalid(Exception):
     pass
 
 
+class _OtherSequence(_Invalid):
+    """The module's hidden state runs over another sequence than the model input's tokens (e.g. the
+    decoder of an encoder-decoder model)."""
+
+
 def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
     """All blocks on the residual stream, in order. `seq_expr` is the symbolic (or static) length of
     the model input's token axis; a hidden state's token axis is the axis whose size involves it."""
@@ -93,13 +98,19 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
 
     found: list[tuple[int, int, str, list[Block], list[str]]] = []  # ..., members that are no block
     rejected: dict[str, tuple[int, str]] = {}
+    other_sequence: dict[str, tuple[int, str]] = {}  # groups of blocks over another sequence (a decoder)
     for prefix, members in groups.items():
-        blocks, bad = [], []
+        blocks, bad, other = [], [], []
         for i in sorted(members):
             try:
                 blocks.append(_analyse(graph, members[i], i, seq_expr))
+            except _OtherSequence as e:
+                other.append(str(e))
             except _Invalid as e:
                 bad.append(str(e))
+        if len(other) >= 2 and 2 * len(other) >= len(members):
+            other_sequence[prefix] = (len(members), other[0])
+        bad += other
         if bad and (len(blocks) < 2 or 2 * len(bad) >= len(members)):
             rejected[prefix] = (len(members), bad[0])
             continue
@@ -127,6 +138,18 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
                 f"{outer}.* ({count} members) that it cannot use as blocks: {why}. Only these "
                 f"{len(blocks)} sublayers can be routed; make each {outer}.N map the hidden state alone to route "
                 "the model's real blocks.",
+                stacklevel=2,
+            )
+    def within(a: str, b: str) -> bool:  # module path a lies in b (or is b)
+        return (a + ".").startswith(b + ".")
+
+    for other, (count, why) in other_sequence.items():  # e.g. the decoder of T5, BART, Whisper: once, outermost
+        if not any(within(other, o) for o in other_sequence if o != other) and not within(other, prefix) \
+                and not within(prefix, other):
+            warnings.warn(
+                f"modfx routes the blocks {prefix}.*; the {count} modules {other}.* are not routed: {why}. "
+                "modfx routes one stack of blocks, the one over the first input's token axis (in an "
+                "encoder-decoder model, the encoder).",
                 stacklevel=2,
             )
     for i, b in enumerate(blocks):
@@ -274,6 +297,9 @@ def _token_axes(shape, seq_expr, path):
     """(seq_axis, batch_axis, length expr) of a 3-D hidden state [B, S, D] or [S, B, D]."""
     if seq_expr is not None and seq_expr.free_symbols:
         axes = [i for i in (0, 1) if seq_expr.free_symbols & sympy.sympify(shape[i]).free_symbols]
+        if not axes and any(sympy.sympify(d).free_symbols for d in shape[:2]):
+            raise _OtherSequence(f"{path}: its hidden state {tuple(shape)} runs over another sequence than the "
+                                 f"input's tokens ({seq_expr})")
         if len(axes) != 1:
             raise _Invalid(f"{path}: cannot tell the token axis of its hidden state {tuple(shape)}")
         return axes[0], 1 - axes[0], shape[axes[0]]
