@@ -132,7 +132,7 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
             stacklevel=2,
         )
     for outer, (count, why) in rejected.items():  # e.g. T5: encoder.block.* pass a position bias along
-        if prefix.startswith(outer + "."):
+        if _within(prefix, outer) and prefix != outer:
             warnings.warn(
                 f"modfx routes the {len(blocks)} blocks {prefix}.*, which lie inside one member of the group "
                 f"{outer}.* ({count} members) that it cannot use as blocks: {why}. Only these "
@@ -140,12 +140,9 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
                 "the model's real blocks.",
                 stacklevel=2,
             )
-    def within(a: str, b: str) -> bool:  # module path a lies in b (or is b)
-        return (a + ".").startswith(b + ".")
-
     for other, (count, why) in other_sequence.items():  # e.g. the decoder of T5, BART, Whisper: once, outermost
-        if not any(within(other, o) for o in other_sequence if o != other) and not within(other, prefix) \
-                and not within(prefix, other):
+        outermost = not any(_within(other, o) for o in other_sequence if o != other)
+        if outermost and not _within(other, prefix) and not _within(prefix, other):
             warnings.warn(
                 f"modfx routes the blocks {prefix}.*; the {count} modules {other}.* are not routed: {why}. "
                 "modfx routes one stack of blocks, the one over the first input's token axis (in an "
@@ -155,6 +152,11 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
     for i, b in enumerate(blocks):
         b.index = i
     return blocks
+
+
+def _within(path: str, outer: str) -> bool:
+    """Module path `path` is `outer` or lies inside it."""
+    return (path + ".").startswith(outer + ".")
 
 
 def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -> Block:
