@@ -80,6 +80,7 @@ def _build(mod: MoDModule, mode: str):
     """Rewrite a copy of each captured graph for routing `mode` and install it as a program of `mod`.
     Graph variants share the routers and predictors, which the first rewrite creates on `mod`."""
     cap, config = mod.modfx_capture, mod.modfx_config
+    _check_still_symbolic(cap)
     built = {}
     for training, graph in cap.graphs.items():
         if id(graph) in built:  # the capture is the same in both modes
@@ -167,6 +168,27 @@ def _signature(model: nn.Module) -> inspect.Signature:
     named = [p for p in inspect.signature(model.forward).parameters.values()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
+
+
+def _check_still_symbolic(cap) -> None:
+    """The graphs' fake values share one shape environment. `bool(size == 24)` on a symbolic size read off
+    `mod.modfx_graphs` adds a guard there that fixes the symbol, and a graph rewritten afterwards (another
+    routing mode) would see a static size; say so instead of failing in discovery."""
+    graph = next(iter(cap.graphs.values()))
+    fixed = {}  # a SymInt whose expression the shape environment now resolves to a number
+    for n in graph.find_nodes(op="placeholder"):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            fixed.update({f"{n.name}.shape[{i}]": int(d.node.expr) for i, d in enumerate(val.shape)
+                          if isinstance(d, torch.SymInt) and d.node.expr.is_number})
+    if fixed:
+        raise ModfxError(
+            f"the symbolic input sizes of this transformed module were fixed after the transform ({fixed}): code "
+            "turned a comparison of a symbolic size from mod.modfx_graphs into a bool (e.g. "
+            "`node.meta['val'].shape[1] == 24` in an if), which adds a guard to the graphs' shared shape "
+            "environment. Transform the model again, and compare such sizes as strings or with "
+            "torch.fx.experimental.symbolic_shapes.statically_known_true."
+        )
 
 
 def _input_sizes(cap) -> tuple:

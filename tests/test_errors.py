@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import modfx
-from modfx.models import gpt
+from modfx.models import gpt, llama
 
 V = 64
 
@@ -211,3 +211,12 @@ class Stack(nn.Module):
 def test_positions_computed_inside_a_block_are_refused():
     with pytest.raises(modfx.ModfxError, match=r"block layers\.0: node \w+ computes positions inside the block"):
         modfx.transform(Stack([PositionsInside(), PositionsInside()]), (torch.randn(2, 16, 32),))
+
+
+def test_symbolic_sizes_fixed_by_user_code_are_reported_when_another_routing_mode_is_built():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V)).eval()
+    mod = modfx.transform(model, (ids(2, 16),))
+    tokens = next(n for n in mod.modfx_graphs[("topk", False)].nodes if n.op == "placeholder" and n.name == "idx")
+    assert tokens.meta["val"].shape[1] == 16  # a bool of a symbolic size: a guard fixes S in the shared environment
+    with pytest.raises(modfx.ModfxError, match=r"fixed after the transform \({'idx.shape\[1\]': 16}\).*Transform the model again"):
+        modfx.set_routing(mod, "predictor")
