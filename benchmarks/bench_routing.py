@@ -194,7 +194,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
             (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), "+"),
            (f"before: predictor MLP (its own [D,{h}] GEMM) + target + BCE, next to the router", predictor,
             (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), ""),
-           (f"one GEMM at width {h + 1} ([D,{h + 2}]: a 17th column), MLP, target, BCE", router_and_predictor,
+           (f"one GEMM at width {h + 1} ([D,{h + 2}]: one column more), MLP, target, BCE", router_and_predictor,
             (x, idx, w, *wide), (3, 4, 5, 6), ""),
            ("before: x_k and merge: gather + scatter_add", merge_scatter_add, (x, idx, upd), (0, 2), ""),
            ("before: x_k and merge: gather + scatter", merge_scatter, (x, idx, upd), (0, 2), ""),

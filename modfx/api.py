@@ -170,13 +170,17 @@ def _signature(model: nn.Module) -> inspect.Signature:
     return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
 
 
+def _placeholders(cap) -> list:
+    """The captured graph's inputs, one per flat example input (train and eval captures take the same)."""
+    return list(next(iter(cap.graphs.values())).find_nodes(op="placeholder"))
+
+
 def _check_still_symbolic(cap) -> None:
     """The graphs' fake values share one shape environment. `bool(size == 24)` on a symbolic size read off
     `mod.modfx_graphs` adds a guard there that fixes the symbol, and a graph rewritten afterwards (another
     routing mode) would see a static size; say so instead of failing in discovery."""
-    graph = next(iter(cap.graphs.values()))
     fixed = {}  # a SymInt whose expression the shape environment now resolves to a number
-    for n in graph.find_nodes(op="placeholder"):
+    for n in _placeholders(cap):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor):
             fixed.update({f"{n.name}.shape[{i}]": int(d.node.expr) for i, d in enumerate(val.shape)
@@ -195,9 +199,8 @@ def _input_sizes(cap) -> tuple:
     """Per flat input of the capture: (its name, its sizes with None for a symbolic axis), or None."""
     paths = [("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
              for path, _ in pytree.tree_flatten_with_path(cap.example_inputs)[0]]
-    placeholders = [n for n in next(iter(cap.graphs.values())).nodes if n.op == "placeholder"]
     out = []
-    for name, node in zip(paths, placeholders):
+    for name, node in zip(paths, _placeholders(cap)):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             out.append(None)

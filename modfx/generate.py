@@ -21,7 +21,7 @@ from .errors import ModfxError
 from .module import MoDModule, program
 from .passes import run_pipeline
 from .passes.discover import find_blocks
-from .passes.graph_utils import module_paths
+from .passes.graph_utils import module_paths, op_arg
 from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
 from .passes.predictor import _ATTENTION
 
@@ -118,8 +118,8 @@ class _AttentionMasks(torch.fx.Interpreter):
         out = super().run_node(n)
         if n.op == "call_function" and n.target is _ATTENTION:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            self.found.append((n, mask, kwargs.get("is_causal", args[5] if len(args) > 5 else False)))
+            self.found.append((n, op_arg(n.target, args, kwargs, "attn_mask"),
+                               op_arg(n.target, args, kwargs, "is_causal", False)))
         return out
 
 

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_map
 
 from ..errors import ModfxError
-from .graph_utils import aten, expr, fake_mode_of, module_paths, shape_exprs, token_axis_length
+from .graph_utils import aten, expr, fake_mode_of, module_paths, op_arg, shape_exprs, token_axis_length
 
 CAUSAL = sympy.Integer(1)  # factor on causal attention; Rational(1, 2) would halve it (torch does not)
 ROUTING = ("router", "sort", "topk", "gather", "scatter", "predictor")
@@ -82,13 +82,6 @@ def _shapes(a):
     return tree_map(lambda t: tuple(expr(s) for s in t.shape) if isinstance(t, torch.Tensor) else t, a)
 
 
-def _arg(n: Node, name: str, default=None):
-    for i, a in enumerate(n.target._schema.arguments):
-        if a.name == name:
-            return n.args[i] if i < len(n.args) else n.kwargs.get(name, default)
-    return default
-
-
 def _matmul(n: Node, op) -> sympy.Expr:
     a, b = (_shapes(n.args[i]) for i in _MM[op])
     out = _shapes(n.meta["val"])
@@ -106,7 +99,7 @@ def _matmul(n: Node, op) -> sympy.Expr:
 def _data(n: Node, role: str) -> sympy.Expr:
     if role == "sort":
         x = _shapes(n.args[0])
-        return math.prod(x) * clog2(x[_arg(n, "dim", -1)])
+        return math.prod(x) * clog2(x[op_arg(n.target, n.args, n.kwargs, "dim", -1)])
     if role == "gather":
         return math.prod(_shapes(n.meta["val"]))
     if role == "scatter":  # the routed tokens written (a masked `where` writes every element)
@@ -127,7 +120,7 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
         return role or "matmul", fwd, fwd * needs
     if op in _ATTN:
         q, k, v = _shapes(n.args[:3])
-        c = CAUSAL if _arg(n, "is_causal", False) else 1
+        c = CAUSAL if op_arg(n.target, n.args, n.kwargs, "is_causal", False) else 1
         fwd = c * flop_registry[_SDPA](q, k, v)
         out = _shapes(n.meta["val"])
         out = out[0] if isinstance(out[0], tuple) else out

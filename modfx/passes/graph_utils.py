@@ -70,6 +70,15 @@ def propagate(nodes: Iterable[Node], fake_mode) -> None:
             node.meta["val"] = run_fake(node.target, node.args, node.kwargs, fake_mode)
 
 
+def op_arg(target, args, kwargs: dict, name: str, default=None) -> Any:
+    """Argument `name` of a call to the ATen op `target`, passed by position or by keyword (read off a node's
+    args, or off the values an Interpreter fetched for them)."""
+    for i, a in enumerate(target._schema.arguments):
+        if a.name == name:
+            return args[i] if i < len(args) else kwargs.get(name, default)
+    return default
+
+
 def expr(size: Any) -> sympy.Expr:
     """A size (int or SymInt) as a sympy expression."""
     if isinstance(size, torch.SymInt):

@@ -49,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, run_fake, shape_exprs
+from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, op_arg, run_fake, shape_exprs
 from .predictor import _ATTENTION, predictor_logits
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -212,7 +212,7 @@ def _attend_over_cache(graph: Graph, b: Block, a: Node, kc: Node, vc: Node, lens
         new = call(graph, aten.tril.default, (ones,), stack=st)  # new tokens: causal among themselves
         new = call(graph, aten.expand.default, (_unsqueeze(graph, new, (0, 0), st), [B, 1, S, S]), stack=st)
         mask = call(graph, aten.cat.default, ([old, new], -1), stack=st)  # [B, 1, S, L+S]
-    dropout = a.kwargs.get("dropout_p", a.args[4] if len(a.args) > 4 else 0.0)
+    dropout = op_arg(a.target, a.args, a.kwargs, "dropout_p", 0.0)
     a.meta["modfx_new_kv"] = (k, v)  # this step's keys and values, before the cache was prepended
     a.args = (q, K, V, mask, dropout, False)
     a.kwargs = {kk: vv for kk, vv in a.kwargs.items() if kk not in ("attn_mask", "dropout_p", "is_causal")}

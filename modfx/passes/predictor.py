@@ -38,7 +38,7 @@ from torch.fx import Graph, Node
 from ..config import predictor_width
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, fake_mode_of, get_attr, propagate
+from .graph_utils import aten, call, fake_mode_of, get_attr, op_arg, propagate
 from .route_topk import Routed, _weighted, contribution, size
 from .router import get_or_add_module
 
@@ -216,10 +216,8 @@ def _key_mask(graph: Graph, block: Block, sel: Node) -> Node:
 
 
 def _restrict_attention(graph: Graph, a: Node, keep: Node, st) -> None:
-    args = list(a.args) + [None, 0.0, False][len(a.args) - 3:] if len(a.args) < 6 else list(a.args)
-    mask = a.kwargs.get("attn_mask", args[3])
-    dropout_p = a.kwargs.get("dropout_p", args[4])
-    causal = a.kwargs.get("is_causal", args[5])
+    mask, dropout_p, causal = (op_arg(a.target, a.args, a.kwargs, name, default)
+                               for name, default in (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False)))
     with graph.inserting_before(a):
         allowed = keep
         if causal:
@@ -231,5 +229,5 @@ def _restrict_attention(graph: Graph, a: Node, keep: Node, st) -> None:
             neg = torch.finfo(mask.meta["val"].dtype).min
             bias = call(graph, aten.where.Scalar, (allowed, 0.0, neg), stack=st)
             allowed = call(graph, aten.add.Tensor, (mask, call(graph, aten._to_copy.default, (bias,), {"dtype": mask.meta["val"].dtype}, stack=st)), stack=st)
-    a.args = (*args[:3], allowed, dropout_p, False)
+    a.args = (*a.args[:3], allowed, dropout_p, False)
     a.kwargs = {k: v for k, v in a.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
