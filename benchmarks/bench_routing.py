@@ -18,14 +18,15 @@ Times are medians over interleaved rounds.
 --ops adds a per-op breakdown: each routing op of one block, compiled on its own
 (`torch.compile(fn, fullgraph=True)`) at the block's shapes, timed in isolation (median of --op-repeat),
 forward or, with --backward, forward + backward: the router over S (ranking only; the routing without the
-predictor), stable sort + slice + index sort, gather of RoPE cos, sin, the router on the k chosen tokens
-(passes/rescore.py), the chosen rows of x and the merge timed together (x -> x_k -> delta = x_k * u ->
+predictor), top-k over int64 keys (score bits, position) + index sort, gather of RoPE cos, sin, the router
+on the k chosen tokens (passes/rescore.py), the chosen rows of x and the merge timed together (x -> x_k -> delta = x_k * u ->
 merged x; their backwards meet in x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), and
 the router over S with the predictor's first layer as one [D, 1 + h] GEMM, then the rest of the predictor
 MLP, its target scatter and BCE (passes/fuse_scores.py; the routing with the predictor). For comparison,
 the earlier formulations: the predictor as its own GEMM next to the router's (before commit 843a86c), one GEMM
 at h = 16 (17 columns), gather + scatter_add (before commit b475f86), gather + scatter of x_k + delta, and
-the router over S with gradient, then a gather of r (both before 2026-12-04).
+the router over S with gradient, then a gather of r (both before 2026-12-04), and the stable sort of
+[B, S] + slice that chose the k tokens before 2026-12-05.
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
@@ -144,7 +145,13 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     def router_rank(x, w):  # the score over S only ranks: no gradient
         return F.linear(x, w).detach()
 
-    def sort(r):
+    def topk(r):  # passes/route_topk.py: one int64 key per token, score bits above the reversed position
+        f = r.squeeze(-1).float()
+        bits = f.view(torch.int32).masked_fill(f == 0, 0)
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() * 2**32 + torch.arange(S - 1, -1, -1, device=r.device)
+        return torch.sort(torch.topk(key, k, 1, True, False)[1], dim=1)[0]
+
+    def sort(r):  # before 2026-12-05
         order = torch.sort(r.squeeze(-1), dim=1, descending=True, stable=True)[1]
         return torch.sort(order[:, :k], dim=1)[0]
 
@@ -186,7 +193,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
     # (name, fn, inputs, indices of the inputs that get a gradient in training, sums it counts in: "-" without
     # the predictor, "+" with it)
     ops = [("router over S, ranking only ([B,S,D] x [D,1], no grad)", router_rank, (x, w), (), "-"),
-           ("sort (stable sort of [B,S], slice k, sort indices)", sort, (r,), (), "-+"),
+           ("top-k (int64 keys: score bits, position; top-k of [B,S], sort indices)", topk, (r,), (), "-+"),
            ("gather RoPE cos, sin -> [B,k,hd]", gather_rope, (cos, sin, idx), (), "-+"),
            ("router on the k chosen ([B,k,D] x [D,1])", router, (xg, w), (0, 1), "-+"),
            ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), "-+"),
@@ -196,6 +203,7 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
             (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), ""),
            (f"one GEMM at width {h + 1} ([D,{h + 2}]: one column more), MLP, target, BCE", router_and_predictor,
             (x, idx, w, *wide), (3, 4, 5, 6), ""),
+           ("before: stable sort of [B,S], slice k, sort indices", sort, (r,), (), ""),
            ("before: x_k and merge: gather + scatter_add", merge_scatter_add, (x, idx, upd), (0, 2), ""),
            ("before: x_k and merge: gather + scatter", merge_scatter, (x, idx, upd), (0, 2), ""),
            ("before: router over S with grad + gather r", router_with_gather, (x, w, idx), (0, 1), "")]

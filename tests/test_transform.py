@@ -204,6 +204,28 @@ def test_ties_in_router_scores_go_to_earlier_tokens():
     assert changed.nonzero().flatten().tolist() == list(range(6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_selection_is_a_stable_descending_sort_on_ties_and_signed_zeros(dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from modfx.passes.route_topk import _topk_earliest
+
+    n, k = 64, 16
+    g = torch.fx.Graph()
+    logits = g.placeholder("logits")
+    logits.meta["val"] = FakeTensorMode().from_tensor(torch.empty(3, n, dtype=dtype))
+    g.output(_topk_earliest(g, logits, n, k, None))
+    select = torch.fx.GraphModule(torch.nn.Module(), g)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        r = torch.randn(3, n, generator=gen).mul(2).round()  # few distinct values: many ties at the k-th
+        r[:, torch.randperm(n, generator=gen)[:8]] = -0.0
+        r[:, torch.randperm(n, generator=gen)[:8]] = 0.0
+        r = r.to(dtype)
+        want = r.sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        assert torch.equal(select(r).sort(dim=1).values, want), trial
+
+
 def test_adjacent_routed_blocks_equal_the_eager_reference():
     model = MODELS["llama"]().eval()
     mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=1)

@@ -5,7 +5,7 @@ budget check `modfx.transform` runs after routing.
         q  = linear(h, wq)        # [s95, s75, 64]      q   8192*B*S        matmul
         a  = sdpa(q, k, v)        # [s95, 4, s75, 16]   a   256*B*S**2      attention
         r  = linear(x, wr)        # [s95, s75, 1]       r   128*B*S         router
-        o  = sort(r[..., 0])      # [s95, s75]          o   B*S*clog2(S)    sort
+        t  = topk(key(r), k)      # [s95, k]            t   B*S*clog2(k)    topk
         xg = x[b, idx]            # [s95, k, 64]        xg  64*B*k          gather
         qg = linear(hg, wq)       # [s95, k, 64]        qg  8192*B*k        matmul
     budget: per routed block, body(S, k) has no S term, and
@@ -17,8 +17,9 @@ Policy (stated here once, applied everywhere):
     norms, softmax and embedding lookups count 0.
   * Attention counts QK^T and AV in full, 4*B*H*Sq*Skv*hd: causal masking is not halved (CAUSAL = 1),
     as in torch's formulas, so the numbers agree with FlopCounterMode.
-  * Routing data movement counts one op per element: sort n*ceil(log2 n) compares per row, gather and
-    scatter one per indexed element, the top-k slice 0 (FlopCounterMode counts these 0).
+  * Routing data movement counts one op per element: sort n*ceil(log2 n) compares per row, top-k
+    n*ceil(log2 k), gather and scatter one per indexed element, the top-k keys 0 (FlopCounterMode counts
+    these 0).
   * Backward follows FlopCounterMode's kernels: a matmul costs its forward once per operand that needs a
     gradient (so ~2x forward), attention the registry's backward formula (2.5x: scores recomputed),
     everything else 0.
@@ -100,6 +101,8 @@ def _data(n: Node, role: str) -> sympy.Expr:
     if role == "sort":
         x = _shapes(n.args[0])
         return math.prod(x) * clog2(x[op_arg(n.target, n.args, n.kwargs, "dim", -1)])
+    if n.target is aten.topk.default:  # a heap of k per row
+        return math.prod(_shapes(n.args[0])) * clog2(_shapes(n.meta["val"][0])[op_arg(n.target, n.args, n.kwargs, "dim", -1)])
     if role == "gather":
         return math.prod(_shapes(n.meta["val"]))
     if role == "scatter":  # the routed tokens written (a masked `where` writes every element)
@@ -227,9 +230,10 @@ class Names:
                 break
         k, length = {}, {}
         for n in graph.nodes:
-            if n.meta.get("modfx_role") == "topk":
-                b = module_paths(n)[-1]
-                k[b], length[b] = shape_exprs(n)[1], shape_exprs(n.args[0])[1]
+            if n.meta.get("modfx_role") == "topk" and n.target in (aten.topk.default, aten.slice.Tensor):
+                b = module_paths(n)[-1]  # the top-k (or the slice of a stable sort: float64 scores)
+                chosen = n.meta["val"][0] if n.target is aten.topk.default else n.meta["val"]
+                k[b], length[b] = expr(chosen.shape[1]), shape_exprs(n.args[0])[1]
         distinct = {e for e in k.values() if not e.is_Symbol and e.free_symbols}
         for b, e in k.items():
             if e in distinct:

@@ -3,8 +3,8 @@
     before:                                   after:
         r = linear(x, w_router)  # [B, S, 1]      r      = linear(x, w_router)                # [B, S, 1]
         y = block(x, cos, mask)  # [B, S, D]      k      = (S * num + den - 1) // den          # ceil(c * S)
-        use(y)                                    order  = sort(r[..., 0], desc, stable)[1]     # ties -> earlier token
-                                                  idx    = sort(order[:, :k])[0]                # [B, k] causal order
+        use(y)                                    key    = bits(r[..., 0]) * 2**32 + S-1-pos   # int64; ties -> earlier token
+                                                  idx    = sort(topk(key, k)[1])[0]             # [B, k] causal order
                                                   b      = arange(B)[:, None]                   # [B, 1]
                                                   xp, xg = split_tokens(x, b, idx)              # x, x[b, idx] [B, k, D]
                                                   cosg   = gather(cos, 1, idx)                  # token axes of side inputs,
@@ -27,8 +27,10 @@ full-size scatter of g_xg into zeros. Forward values and gradients are those of
 `scatter(x, 1, idx, xg + wg * f)` with `xg = gather(x, 1, idx)`.
 Symbolic sizes the region read from the full sequence (S in view/reshape arguments) are re-derived with
 S -> k; when S is static (e.g. a patch count), literal S in the region's size arguments becomes k, after
-a check that S is no other size in the block (`_static_token_count`). The ordering sort is stable, so
-ties in the router score go to the earlier token.
+a check that S is no other size in the block (`_static_token_count`). The top-k runs over one int64 key
+per token, the score's order-preserving bits above its reversed position, so ties in the router score go
+to the earlier token and the chosen set is that of a stable descending sort, whatever the top-k kernel
+(float64 scores leave no room for the position: they take the stable sort).
 
 Contract: requires a discovered `Block` and its router node; ensures the block region runs on k tokens
 and returns `Routed` (the indices and the merged output) for the predictor pass.
@@ -153,12 +155,37 @@ def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction):
     logits = call(graph, aten.squeeze.dim, (r, -1), stack=st)  # [B, S] or [S, B]
     if block.batch_axis == 1:
         logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
-    ranked = call(graph, aten.sort.stable, (logits,), {"stable": True, "dim": 1, "descending": True}, stack=st, tag="sort")
-    order = call(graph, operator.getitem, (ranked, 1), stack=st)
-    top = call(graph, aten.slice.Tensor, (order, 1, 0, k), stack=st, tag="topk")  # [B, k]
+    if logits.meta["val"].dtype == torch.float64:  # no room for the position next to 64-bit score bits
+        ranked = call(graph, aten.sort.stable, (logits,), {"stable": True, "dim": 1, "descending": True}, stack=st, tag="sort")
+        order = call(graph, operator.getitem, (ranked, 1), stack=st)
+        top = call(graph, aten.slice.Tensor, (order, 1, 0, k), stack=st, tag="topk")  # [B, k]
+    else:
+        top = _topk_earliest(graph, logits, S, k, st)
     in_order = call(graph, aten.sort.default, (top, 1), stack=st, tag="sort")
     idx = call(graph, operator.getitem, (in_order, 0), stack=st)  # [B, k] ascending positions
     return S, k, logits, idx
+
+
+def _topk_earliest(graph: Graph, logits: Node, S, k, st) -> Node:
+    """Positions of the k largest logits per row [B, k] (any order), ties to the earlier token: a top-k
+    over one int64 key per token, the score's order-preserving bits above its reversed position. The keys
+    are unique, so the set is the stable sort's and does not depend on the top-k kernel; a top-k costs a
+    fraction of a full sort of the row."""
+    def op(target, *args, **kwargs):
+        return call(graph, target, args, kwargs, stack=st, tag="topk")
+
+    f = op(aten._to_copy.default, logits, dtype=torch.float32)  # always: under autocast the dtype is known at run time
+    bits = op(aten.view.dtype, f, torch.int32)
+    bits = op(aten.masked_fill.Scalar, bits, op(aten.eq.Scalar, f, 0), 0)  # -0.0 ties with +0.0
+    flipped = op(aten.bitwise_xor.Scalar, bits, 0x7FFFFFFF)  # negative floats: int order reversed
+    ordered = op(aten.where.self, op(aten.lt.Scalar, bits, 0), flipped, bits)  # int order == float order
+    ordered = op(aten._to_copy.default, ordered, dtype=torch.int64)
+    last = call(graph, operator.sub, (S, 1), stack=st) if isinstance(S, Node) else S - 1
+    device = logits.meta["val"].device
+    later = op(aten.arange.start_step, last, -1, -1, dtype=torch.int64, device=device)  # [S]: S-1 .. 0
+    key = op(aten.add.Tensor, op(aten.mul.Tensor, ordered, 2**32), later)  # [B, S], unique per row
+    top = op(aten.topk.default, key, k, 1, True, False)
+    return call(graph, operator.getitem, (top, 1), stack=st)  # [B, k]
 
 
 def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weighting: str) -> Routed:
