@@ -22,11 +22,12 @@ predictor), top-k over int64 keys (score bits, position) + index sort, gather of
 on the k chosen tokens (passes/rescore.py), the chosen rows of x and the merge timed together (x -> x_k -> delta = x_k * u ->
 merged x; their backwards meet in x's gradient): `split_tokens` + `index_put` (passes/route_topk.py), and
 the router over S with the predictor's first layer as one [D, 1 + h] GEMM, then the rest of the predictor
-MLP, its target scatter and BCE (passes/fuse_scores.py; the routing with the predictor). For comparison,
+MLP (its h -> 1 layer a weighted sum), target scatter and BCE (passes/fuse_scores.py; the routing with the
+predictor). For comparison,
 the earlier formulations: the predictor as its own GEMM next to the router's (before commit 843a86c), one GEMM
 at h = 16 (17 columns), gather + scatter_add (before commit b475f86), gather + scatter of x_k + delta, and
 the router over S with gradient, then a gather of r (both before 2026-12-04), and the stable sort of
-[B, S] + slice that chose the k tokens before 2026-12-05.
+[B, S] + slice that chose the k tokens and the predictor's h -> 1 layer as a GEMM, both before 2026-12-05.
 In the real graph Inductor fuses some of these with their neighbours (in eval, the merge is written in
 place by the kernel that computes x), so the sum is an upper estimate, not a measurement of the block.
 The "in context" column times the ops that read or write the residual stream where they sit in the
@@ -184,11 +185,15 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
         return F.binary_cross_entropy_with_logits(p, target)
 
-    def router_and_predictor(x, idx, w, w1, b1, w2, b2):  # one GEMM reads x for both: [D, 1 + h]
+    def router_and_predictor(x, idx, w, w1, b1, w2, b2, second=None):  # one GEMM reads x for both: [D, 1 + h]
         o = F.linear(x.detach(), torch.cat([w.detach(), w1]))
-        p = F.linear(F.gelu(o[..., 1:] + b1), w2, b2).squeeze(-1)
+        hid = F.gelu(o[..., 1:] + b1)
+        p = (second(hid, w2, b2) if second else (hid * w2).sum(-1, keepdim=True) + b2).squeeze(-1)
         target = torch.zeros_like(p).scatter(1, idx, 1.0)
         return o[..., :1].detach(), F.binary_cross_entropy_with_logits(p, target)
+
+    def second_layer_gemm(x, idx, w, w1, b1, w2, b2):  # before 2026-12-05: h -> 1 as a GEMM
+        return router_and_predictor(x, idx, w, w1, b1, w2, b2, second=F.linear)
 
     # (name, fn, inputs, indices of the inputs that get a gradient in training, sums it counts in: "-" without
     # the predictor, "+" with it)
@@ -199,6 +204,8 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
            ("x_k and merge: split_tokens + index_put", merge, (x, idx, upd), (0, 2), "-+"),
            (f"router over S + predictor in one GEMM [D,1+{h}], MLP, target, BCE", router_and_predictor,
             (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), "+"),
+           ("before: the same with the predictor's second layer (h -> 1) as a GEMM", second_layer_gemm,
+            (x, idx, w, w1, b1, w2, b2), (3, 4, 5, 6), ""),
            (f"before: predictor MLP (its own [D,{h}] GEMM) + target + BCE, next to the router", predictor,
             (x, idx, w1, b1, w2, b2), (2, 3, 4, 5), ""),
            (f"one GEMM at width {h + 1} ([D,{h + 2}]: one column more), MLP, target, BCE", router_and_predictor,

@@ -68,3 +68,13 @@ def routers_of(mod, model) -> dict:
         for i in range(len(model.layers))
         if hasattr(mod.get_submodule(f"layers.{i}"), "mod_router")
     }
+
+
+def widest_middle_gap(logits: torch.Tensor) -> torch.Tensor:
+    """A threshold that splits `logits` about in half at the widest gap between neighbouring values in
+    the middle half, so no logit sits within rounding of it (the graph and an eager oracle may round a
+    logit differently)."""
+    v = logits.flatten().sort().values
+    lo, hi = len(v) // 4, 3 * len(v) // 4
+    i = lo + int((v[lo + 1 : hi + 1] - v[lo:hi]).argmax())
+    return (v[i] + v[i + 1]) / 2

@@ -14,7 +14,8 @@ budget check `modfx.transform` runs after routing.
 Policy (stated here once, applied everywhere):
   * FLOPs are matmul-class only, 2 per multiply-add, like torch's FlopCounterMode (whose registry formulas
     are reused): linear, matmul, mm, bmm, addmm, baddbmm, convolution and attention. Elementwise ops,
-    norms, softmax and embedding lookups count 0.
+    reductions, norms, softmax and embedding lookups count 0 (so does the predictor's second layer, a
+    weighted sum of h values per token).
   * Attention counts QK^T and AV in full, 4*B*H*Sq*Skv*hd: causal masking is not halved (CAUSAL = 1),
     as in torch's formulas, so the numbers agree with FlopCounterMode.
   * Routing data movement counts one op per element: sort n*ceil(log2 n) compares per row, top-k

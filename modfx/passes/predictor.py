@@ -7,7 +7,7 @@ In the top-k graph (training), after the routed block's merge:
 
     before:                                  after:
         y = scatter(x, 1, idx, upd)              y     = scatter(x, 1, idx, upd)
-        use(y)                                   p     = linear(gelu(linear(detach(x))))[..., 0]  # [B, S]
+        use(y)                                   p     = sum(gelu(linear(detach(x))) * w2, -1) + b2  # [B, S]
                                                  t     = scatter(zeros, 1, idx, 1)                # top-k membership
                                                  aux   = bce_with_logits(p, t)
                                                  y'    = add_aux_loss(y, weight * aux)    # identity forward,
@@ -83,7 +83,11 @@ def predictor_logits(graph: Graph, root: nn.Module, block: Block, hidden: int | 
     xd = call(graph, aten.detach.default, (block.x,), stack=st, tag="predictor")
     hid = call(graph, aten.linear.default, (xd, params["0.weight"], params["0.bias"]), stack=st, tag="predictor")
     hid = call(graph, aten.gelu.default, (hid,), stack=st, tag="predictor")
-    p = call(graph, aten.linear.default, (hid, params["2.weight"], params["2.bias"]), stack=st, tag="predictor")
+    # the second layer (h -> 1) as a weighted sum, not a [.., h] x [h, 1] GEMM: Inductor fuses it into the
+    # GELU's kernel, where a GEMM would be a library call of its own (and two more in backward)
+    p = call(graph, aten.mul.Tensor, (hid, params["2.weight"]), stack=st, tag="predictor")  # [B, S, h]
+    p = call(graph, aten.sum.dim_IntList, (p, [-1], True), stack=st, tag="predictor")  # [B, S, 1]
+    p = call(graph, aten.add.Tensor, (p, params["2.bias"]), stack=st, tag="predictor")
     return per_token(graph, p, block)  # [B, S]
 
 
