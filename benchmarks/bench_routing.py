@@ -290,6 +290,7 @@ def in_context(args, ops, grad) -> dict[str, float]:
             return (x, rms(x), *out) if isinstance(out, tuple) else (x, rms(x), out)
         return with_context
 
+    torch._dynamo.config.recompile_limit = 64  # one `with_context` code object, compiled once per op
     calls = {"context": _op_call(base, (a, b), (0,), grad)}
     for name, fn, inp, needs, _ in ops:
         if inp[0].shape == (B, S, D):  # ops on x itself
