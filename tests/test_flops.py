@@ -107,6 +107,23 @@ def test_agrees_with_flop_counter_mode(case, which, backward):
     assert ours - data == torch_total
 
 
+@pytest.mark.parametrize("which", ["dense", "routed"])
+def test_attention_on_torchs_math_kernel_counts_its_backward_as_bmms(which):
+    """Multi-query attention without enable_gqa runs as SDPA's math kernel on CPU (two bmm's, backward 2x
+    forward), not a fused kernel (2.5x): the count follows the kernel torch picks, like FlopCounterMode."""
+    import transformers
+
+    cfg = transformers.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, use_cache=False)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    ids = torch.randint(0, V, (2, 24))
+    module = model if which == "dense" else modfx.transform(model, (ids,), capacity=0.25, every=2)
+    report = flops(module, (ids,))
+    counted = torch_count(module, (ids,), backward=True)
+    assert "aten.bmm" in counted and not any("attention" in op for op in counted)  # the math kernel ran
+    data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+    assert report.train_at - data == sum(counted.values())
+
+
 def test_evaluates_at_other_shapes(llama_case):
     ids = torch.randint(0, V, (3, 96))
     report = flops(llama_case.mod, (ids,))

@@ -23,7 +23,8 @@ Policy (stated here once, applied everywhere):
     these 0).
   * Backward follows FlopCounterMode's kernels: a matmul costs its forward once per operand that needs a
     gradient (so ~2x forward), attention the registry's backward formula (2.5x: scores recomputed),
-    everything else 0.
+    except where torch runs `scaled_dot_product_attention` as its math kernel (two bmm's: the matmul
+    rule, 2x), everything else 0.
 """
 
 from __future__ import annotations
@@ -128,9 +129,38 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
         fwd = c * flop_registry[_SDPA](q, k, v)
         out = _shapes(n.meta["val"])
         out = out[0] if isinstance(out[0], tuple) else out
-        bwd = c * flop_registry[_SDPA_BWD](out, q, k, v) if n in grads and any(a in grads for a in n.args[:3]) else 0
+        needs = [n in grads and a in grads for a in n.args[:3]]  # q, k, v
+        if not any(needs):
+            bwd = 0
+        elif op is aten.scaled_dot_product_attention and _runs_math_kernel(n, grads):
+            # two bmm's, q @ k^T and p @ v: each operand's gradient costs one bmm (p's if q or k needs one)
+            bwd = fwd / 2 * (needs[0] + needs[1] + (needs[0] or needs[1]) + needs[2])
+        else:  # a fused kernel: its backward recomputes the scores
+            bwd = c * flop_registry[_SDPA_BWD](out, q, k, v)
         return role or "attention", sympy.sympify(fwd), sympy.sympify(bwd)
     return role or "other", zero, zero
+
+
+def _runs_math_kernel(n: Node, grads: set[Node]) -> bool:
+    """Whether torch runs this scaled_dot_product_attention call as its decomposed math kernel (plain
+    bmm's) rather than a fused one, e.g. multi-query attention without `enable_gqa` on CPU. Asked of torch's
+    own dispatch, `_fused_sdp_choice`, on real tensors with the inputs' example sizes, strides, dtypes,
+    device and gradient needs (for fake tensors it always answers "math")."""
+    def real(a):
+        v = a.meta.get("val") if isinstance(a, Node) else a
+        if not isinstance(v, torch.Tensor):
+            return v
+        hint = lambda s: s.node.hint if isinstance(s, torch.SymInt) else s  # noqa: E731
+        sizes, strides = [hint(s) for s in v.shape], [hint(s) for s in v.stride()]
+        if any(x is None for x in (*sizes, *strides)):
+            raise LookupError("no example size")
+        t = torch.empty_strided(sizes, strides, dtype=v.dtype, device=v.device)
+        return t.requires_grad_() if a in grads and t.is_floating_point() else t
+    try:
+        args, kwargs = map_aggregate((n.args, n.kwargs), real)
+        return torch.ops.aten._fused_sdp_choice(*args, **kwargs) == 0  # SDPBackend.math
+    except Exception:  # noqa: BLE001 - no example sizes or no such device here: count the fused kernel
+        return False
 
 
 def needs_grad(graph: Graph, root=None) -> set[Node]:
