@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import sympy
 import torch
@@ -77,6 +78,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
         ) from e
 
 
+def _warn_about_hooks(model: nn.Module) -> None:
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if any(getattr(m, k, None) for k in kinds)]
+    if hooked:
+        shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+        warnings.warn(
+            f"modules with hooks: {shown}. modfx captures the model once with torch.export: the hooks run "
+            "during that capture only (on fake tensors), what they compute becomes part of the graph, and "
+            "they do not run when the transformed module is called. Remove them before modfx.transform if "
+            "that is not what you want.", stacklevel=4)
+
+
 def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
     import inspect
 
@@ -95,6 +108,8 @@ def _drop_dtype_asserts(graph: Graph) -> None:
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True) -> Capture:
     """Export a deep copy of `model` (the user's model is never touched); copy_model=False exports
     `model` itself (a twin made by an earlier capture, after `.to()`)."""
+    if copy_model:
+        _warn_about_hooks(model)
     twin = copy.deepcopy(model) if copy_model else model
     ep = _export(twin, args, kwargs)
     first = twin.training

@@ -220,3 +220,14 @@ def test_symbolic_sizes_fixed_by_user_code_are_reported_when_another_routing_mod
     assert tokens.meta["val"].shape[1] == 16  # a bool of a symbolic size: a guard fixes S in the shared environment
     with pytest.raises(modfx.ModfxError, match=r"fixed after the transform \({'idx.shape\[1\]': 16}\).*Transform the model again"):
         modfx.set_routing(mod, "predictor")
+
+
+def test_hooks_on_the_model_are_reported_as_running_only_at_capture():
+    model = small()
+    seen = []
+    model.layers[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    with pytest.warns(UserWarning, match=r"modules with hooks: layers\.0\..*do not run when the transformed module is called"):
+        mod = modfx.transform(model, (ids(),), capacity=0.5)
+    calls = len(seen)
+    mod(ids())
+    assert len(seen) == calls  # as the warning says
