@@ -115,10 +115,10 @@ def main():
     print(tabulate([(n, f"{v:.1f}", f"{100 * v / full:.0f}%", g) for n, v, g in rows],
                    headers=["one block", "ms", "% of full block", f"GFLOPs ({kind})"], disable_numparse=True))
     if args.ops:
-        ops_breakdown(args, full, med["mod"] - med["dense1"])
+        ops_breakdown(args, full, med["mod"] - med["dense1"], full * k_flops / full_flops)
 
 
-def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
+def ops_breakdown(args, full_ms: float, routed_ms: float, ideal_ms: float) -> None:
     """Each routing op of one routed block alone, compiled, at [B, S, D] / k (see the docstring); with
     --backward each op's forward + backward (autograd.grad with a fixed upstream gradient)."""
     B, S, D = args.batch, args.seq, args.d_model
@@ -237,7 +237,8 @@ def ops_breakdown(args, full_ms: float, routed_ms: float) -> None:
           f"x = a + b (kept) with RMSNorm(x) (or of the merged x) as the next consumer, minus that context alone; "
           f"medians of {args.op_repeat} interleaved rounds; sums use the isolated time where no in-context time is "
           f"given. With predictor: {100 * ctx['+'] / routed_ms:.1f}% of the routed block, without: "
-          f"{100 * ctx['-'] / routed_ms:.1f}%.")
+          f"{100 * ctx['-'] / routed_ms:.1f}%; of the FLOP-ideal routed block ({ideal_ms:.1f} ms, steadier: the full "
+          f"block's larger difference of medians): {100 * ctx['+'] / ideal_ms:.1f}% and {100 * ctx['-'] / ideal_ms:.1f}%.")
 
 
 def _op_call(fn, inp, needs, grad):
