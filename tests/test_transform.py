@@ -226,6 +226,16 @@ def test_top_k_selection_is_a_stable_descending_sort_on_ties_and_signed_zeros(dt
         assert torch.equal(select(r).sort(dim=1).values, want), trial
 
 
+def test_float64_scores_are_ranked_by_a_stable_sort_and_equal_the_eager_reference():
+    model = MODELS["llama"]().double().eval()
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=2)
+    targets = [n.target for n in mod.modfx_graphs[("topk", False)].nodes]
+    assert torch.ops.aten.sort.stable in targets and torch.ops.aten.topk.default not in targets
+    ids = ids_of()
+    want = mod_forward(model, ids, routers_of(mod, model), 0.25)
+    torch.testing.assert_close(mod(ids).logits, want, rtol=0, atol=1e-10)
+
+
 def test_adjacent_routed_blocks_equal_the_eager_reference():
     model = MODELS["llama"]().eval()
     mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=1)
