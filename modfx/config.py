@@ -36,6 +36,10 @@ class MoDConfig:
     router_aux_weight: weight of a BCE loss on the router's own score against top-k membership (the
         paper's other option for causal sampling): it pushes chosen tokens' r above 0 and the others'
         below, so that the top-k decision becomes predictable from a token alone. Off (0) by default.
+    padding_mask: name of a model input that marks real tokens (nonzero / True) and padding (0 / False),
+        shaped [B, S] over the routed blocks' tokens (e.g. Hugging Face's "attention_mask"): padded tokens
+        rank below every real token in the top-k, so they take a routed slot only when a sequence has fewer
+        than k real tokens. None: every token competes for the k slots.
     check_flops: run the FLOP budget check after the rewrite.
     """
 
@@ -47,6 +51,7 @@ class MoDConfig:
     predictor_hidden: int | None = None
     aux_loss_weight: float = 0.01
     router_aux_weight: float = 0.0
+    padding_mask: str | None = None
     check_flops: bool = True
 
     def __post_init__(self):
@@ -74,8 +79,14 @@ class MoDConfig:
             raise ModfxError(f"predictor_hidden must be a positive integer or None, got {self.predictor_hidden!r}")
         if not float(self.aux_loss_weight) >= 0.0:
             raise ModfxError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}")
+        if self.padding_mask is not None and not isinstance(self.padding_mask, str):
+            raise ModfxError(f"padding_mask must be the name of a model input (a str) or None, got {self.padding_mask!r}")
         if not float(self.router_aux_weight) >= 0.0:
             raise ModfxError(f"router_aux_weight must be >= 0, got {self.router_aux_weight!r}")
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (modfx.load): fields added since the save take their defaults."""
+        self.__dict__.update({f.name: f.default for f in dataclasses.fields(self)}, **state)
 
     @property
     def capacity_fraction(self) -> Fraction:

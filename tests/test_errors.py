@@ -31,6 +31,7 @@ def ids(b=2, s=16):
         ({"blocks": (5,)}, "out of range"),
         ({"weighting": "softmax"}, "unknown weighting"),
         ({"router_aux_weight": -1.0}, "router_aux_weight must be >= 0"),
+        ({"padding_mask": 3}, "padding_mask must be the name of a model input"),
         ({"capacty": 0.5}, "unknown MoDConfig field"),
     ],
 )

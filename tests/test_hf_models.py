@@ -358,6 +358,49 @@ class MHAModel(nn.Module):
         return x
 
 
+def chosen_tokens(mod, inputs: dict) -> list:
+    """The top-k indices [B, k] of each routed block in one forward of the top-k eval graph."""
+    chosen = []
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.meta.get("modfx_role") == "sort":
+                chosen.append(out[0])
+            return out
+
+    Spy(torch.fx.GraphModule(mod, mod.modfx_graphs[("topk", False)])).run(*(inputs[k] for k in mod._kw_order))
+    return chosen
+
+
+def test_padding_mask_keeps_padded_tokens_out_of_the_top_k():
+    model = CASES["bert"].build().eval()
+    ids = torch.randint(0, V, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[0, :20] = 0  # 4 real tokens, k = 3
+    mask[1, -5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    padded = [int((mask.gather(1, idx) == 0).sum())
+              for pm in (None, "attention_mask")
+              for idx in chosen_tokens(modfx.transform(model, example_kwargs=inputs, capacity=0.125, blocks=(1,),
+                                                       padding_mask=pm), inputs)]
+    assert padded[0] > 0 and padded[1] == 0  # padding competes for k unless the mask is named
+
+
+def test_padding_mask_must_name_an_input_over_the_tokens():
+    model = CASES["bert"].build().eval()
+    inputs = padded()
+    with pytest.raises(modfx.ModfxError, match=r"no input of that name; its inputs are input_ids, attention_mask"):
+        modfx.transform(model, example_kwargs=inputs, padding_mask="mask")
+    from modfx.models import encoder  # its blocks run over a CLS token and the S input tokens
+
+    cls_model = encoder.Encoder(encoder.EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V)).eval()
+    real = torch.ones(B, S, dtype=torch.bool)
+    with pytest.raises(modfx.ModfxError, match=r"padding_mask input padding_mask has shape .* one entry per token"):
+        modfx.transform(cls_model, example_kwargs={"idx": torch.randint(0, V, (B, S)), "padding_mask": real},
+                        padding_mask="padding_mask")
+
+
 def test_batchless_mask_folded_into_heads_is_refused():
     with pytest.raises(modfx.ModfxError, match=r"block layers\.\d: side input \w+ of shape \(s\d+, s\d+\).*no leading batch axis.*baddbmm"):
         modfx.transform(MHAModel().eval(), (torch.randn(B, S, 32),))

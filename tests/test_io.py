@@ -119,3 +119,14 @@ def test_pt2_export_of_a_module_transformed_with_keyword_inputs(built, tmp_path)
     modfx.export(mod, tmp_path / "kw.pt2")
     (logits,) = torch.export.load(tmp_path / "kw.pt2").module()(ids)  # keyword inputs come positionally
     torch.testing.assert_close(logits, mod(idx=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_pickled_before_a_field_existed_loads_with_its_default():
+    import pickle
+
+    state = dict(modfx.MoDConfig(capacity=0.25).__dict__)
+    del state["padding_mask"]  # as saved by a modfx without that field
+    old = object.__new__(modfx.MoDConfig)
+    old.__dict__.update(state)
+    again = pickle.loads(pickle.dumps(old))
+    assert again.padding_mask is None and again.capacity == 0.25

@@ -226,6 +226,29 @@ def test_top_k_selection_is_a_stable_descending_sort_on_ties_and_signed_zeros(dt
         assert torch.equal(select(r).sort(dim=1).values, want), trial
 
 
+def test_top_k_selection_ranks_padded_tokens_last():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from modfx.passes.route_topk import _topk_earliest
+
+    n, k = 32, 8
+    g = torch.fx.Graph()
+    fake = FakeTensorMode()
+    logits, real = g.placeholder("logits"), g.placeholder("real")
+    logits.meta["val"], real.meta["val"] = fake.from_tensor(torch.empty(2, n)), fake.from_tensor(torch.empty(2, n, dtype=torch.bool))
+    g.output(_topk_earliest(g, logits, n, k, None, real))
+    select = torch.fx.GraphModule(torch.nn.Module(), g)
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(2, n, generator=gen)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, :28] = False  # 4 real tokens < k: all 4 chosen, then the earliest padded ones
+    mask[1, ::2] = False
+    want = r.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    got = select(r, mask).sort(dim=1).values
+    assert torch.equal(got, want)
+    assert got[0].tolist() == [0, 1, 2, 3, 28, 29, 30, 31] and mask[1, got[1]].all()
+
+
 def test_float64_scores_are_ranked_by_a_stable_sort_and_equal_the_eager_reference():
     model = MODELS["llama"]().double().eval()
     mod = modfx.transform(model, (ids_of(),), capacity=0.25, every=2)

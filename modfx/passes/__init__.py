@@ -27,7 +27,7 @@ from .discover import Block, find_blocks
 from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .rescore import rescore_chosen
-from .route_topk import route_topk
+from .route_topk import padding_input, route_topk
 from .router import insert_router
 
 
@@ -43,6 +43,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                  mode: str = "topk") -> PipelineResult:
     blocks = find_blocks(graph, seq_expr)
     routed = config.routed(len(blocks))
+    real = padding_input(graph, config.padding_mask) if config.padding_mask else None  # [B, S], 0 = padding
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     outputs = {}
@@ -53,7 +54,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         old_out = block.out
         r = insert_router(graph, root, block)
         if mode == "topk":
-            routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting)
+            routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting, real)
             new_out = routed_block.out
             if not config.router_aux_weight:  # the router aux loss needs r's gradient on all S tokens
                 rescore_chosen(graph, block, r, routed_block)

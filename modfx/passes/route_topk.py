@@ -147,30 +147,57 @@ def broadcast_batch(graph: Graph, s: SideInput, B, stack) -> Node:
     return call(graph, aten.expand.default, (s.node, sizes), stack=stack)
 
 
-def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction):
-    """Nodes for S, k, the router logits [B, S] and the sorted top-k indices [B, k]."""
+def padding_input(graph: Graph, name: str) -> Node:
+    """The captured model's input `name` (MoDConfig.padding_mask)."""
+    inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    if name not in inputs:
+        raise ModfxError(f"padding_mask={name!r}: the captured model has no input of that name; its inputs are "
+                         f"{', '.join(inputs)}")
+    return inputs[name]
+
+
+def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, real: Node | None = None):
+    """Nodes for S, k, the router logits [B, S] and the sorted top-k indices [B, k]; `real` ([B, S], 0 for
+    padding) ranks padded tokens last."""
     st = block.stack
     S = seq_len(graph, block)
     k = capacity_k(graph, S, capacity, st)
     logits = call(graph, aten.squeeze.dim, (r, -1), stack=st)  # [B, S] or [S, B]
     if block.batch_axis == 1:
         logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
+    if real is not None:
+        real = _real_tokens(graph, real, logits, block)
     if logits.meta["val"].dtype == torch.float64:  # no room for the position next to 64-bit score bits
+        if real is not None:  # padding last (after real tokens scored -inf, too: the stable sort's order)
+            logits = call(graph, aten.where.ScalarOther, (real, logits, float("-inf")), stack=st, tag="topk")
         ranked = call(graph, aten.sort.stable, (logits,), {"stable": True, "dim": 1, "descending": True}, stack=st, tag="sort")
         order = call(graph, operator.getitem, (ranked, 1), stack=st)
         top = call(graph, aten.slice.Tensor, (order, 1, 0, k), stack=st, tag="topk")  # [B, k]
     else:
-        top = _topk_earliest(graph, logits, S, k, st)
+        top = _topk_earliest(graph, logits, S, k, st, real)
     in_order = call(graph, aten.sort.default, (top, 1), stack=st, tag="sort")
     idx = call(graph, operator.getitem, (in_order, 0), stack=st)  # [B, k] ascending positions
     return S, k, logits, idx
 
 
-def _topk_earliest(graph: Graph, logits: Node, S, k, st) -> Node:
+def _real_tokens(graph: Graph, mask: Node, logits: Node, block: Block) -> Node:
+    """The padding-mask input as a bool [B, S] (True = real token), checked against the block's tokens."""
+    want = [str(expr(d)) for d in logits.meta["val"].shape]
+    v = mask.meta.get("val")
+    got = [str(expr(d)) for d in v.shape] if isinstance(v, torch.Tensor) else None
+    if got is None or len(got) != 2 or got[1] != want[1]:  # (each input's batch axis has its own symbol)
+        raise ModfxError(
+            f"block {block.name}: padding_mask input {mask.name} has shape {got}, but the block's tokens are "
+            f"[batch, tokens] = {want}: give a mask with one entry per token of the blocks' hidden states"
+        )
+    return call(graph, aten.ne.Scalar, (mask, 0), stack=block.stack, tag="topk")
+
+
+def _topk_earliest(graph: Graph, logits: Node, S, k, st, real: Node | None = None) -> Node:
     """Positions of the k largest logits per row [B, k] (any order), ties to the earlier token: a top-k
     over one int64 key per token, the score's order-preserving bits above its reversed position. The keys
     are unique, so the set is the stable sort's and does not depend on the top-k kernel; a top-k costs a
-    fraction of a full sort of the row."""
+    fraction of a full sort of the row. Padded tokens (`real` False) get bits below every score's."""
     def op(target, *args, **kwargs):
         return call(graph, target, args, kwargs, stack=st, tag="topk")
 
@@ -180,6 +207,8 @@ def _topk_earliest(graph: Graph, logits: Node, S, k, st) -> Node:
     flipped = op(aten.bitwise_xor.Scalar, bits, 0x7FFFFFFF)  # negative floats: int order reversed
     ordered = op(aten.where.self, op(aten.lt.Scalar, bits, 0), flipped, bits)  # int order == float order
     ordered = op(aten._to_copy.default, ordered, dtype=torch.int64)
+    if real is not None:
+        ordered = op(aten.where.ScalarOther, real, ordered, -(2**31))  # below every non-NaN score: padding last
     last = call(graph, operator.sub, (S, 1), stack=st) if isinstance(S, Node) else S - 1
     device = logits.meta["val"].device
     later = op(aten.arange.start_step, last, -1, -1, dtype=torch.int64, device=device)  # [S]: S-1 .. 0
@@ -188,12 +217,13 @@ def _topk_earliest(graph: Graph, logits: Node, S, k, st) -> Node:
     return call(graph, operator.getitem, (top, 1), stack=st)  # [B, k]
 
 
-def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weighting: str) -> Routed:
+def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weighting: str,
+               real: Node | None = None) -> Routed:
     st = block.stack
     fake_mode = fake_mode_of(graph)
     x = block.x
     with graph.inserting_before(block.first):
-        S, k, logits, idx = select_topk(graph, block, r, capacity)
+        S, k, logits, idx = select_topk(graph, block, r, capacity, real)
         if not isinstance(S, Node) and k != S:
             _static_token_count(block, S, k)
         B = size(graph, x, block.batch_axis, st)
