@@ -39,7 +39,7 @@ class MoDConfig:
     padding_mask: name of a model input that marks real tokens (nonzero / True) and padding (0 / False),
         shaped [B, S] over the routed blocks' tokens (e.g. Hugging Face's "attention_mask"): padded tokens
         rank below every real token in the top-k, so they take a routed slot only when a sequence has fewer
-        than k real tokens. None: every token competes for the k slots.
+        than k real tokens, and predictor routing never selects them. None: every token competes.
     check_flops: run the FLOP budget check after the rewrite.
     """
 

@@ -387,6 +387,20 @@ def test_padding_mask_keeps_padded_tokens_out_of_the_top_k():
     assert padded[0] > 0 and padded[1] == 0  # padding competes for k unless the mask is named
 
 
+def test_padding_mask_keeps_padded_tokens_unselected_in_predictor_routing():
+    model = CASES["bert"].build().eval()
+    inputs = padded()
+    selected = []
+    for pm in (None, "attention_mask"):
+        mod = modfx.transform(model, example_kwargs=inputs, blocks=(1,), padding_mask=pm).eval()
+        with torch.no_grad():
+            mod.get_submodule("encoder.layer.1.mod_predictor")[2].bias.fill_(100.0)  # the predictor selects all
+        modfx.set_routing(mod, "predictor")
+        mod(**inputs)
+        selected.append(modfx.routing_stats(mod)["encoder.layer.1"]["selected"])
+    assert selected == [1.0, pytest.approx(inputs["attention_mask"].float().mean().item())]
+
+
 def test_padding_mask_must_name_an_input_over_the_tokens():
     model = CASES["bert"].build().eval()
     inputs = padded()

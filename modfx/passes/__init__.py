@@ -67,7 +67,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             elif config.predictor:  # r only ranks: one GEMM over x for it and the predictor
                 fuse_router_predictor(graph, root, block, r)
         elif mode == "predictor":
-            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting)
+            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting, real)
             stats.append(block_stats)
         else:
             raise ValueError(mode)

@@ -39,7 +39,7 @@ from ..config import predictor_width
 from ..errors import ModfxError
 from .discover import Block
 from .graph_utils import aten, call, fake_mode_of, get_attr, op_arg, propagate
-from .route_topk import Routed, _weighted, contribution, size
+from .route_topk import Routed, _weighted, contribution, real_tokens, size
 from .router import get_or_add_module
 
 N_STATS = 5  # aux loss, accuracy, precision, recall, fraction predicted "selected"
@@ -168,9 +168,10 @@ def _stats(graph: Graph, p: Node, target: Node, aux: Node, st) -> Node:
 
 
 def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden: int | None,
-                    weighting: str) -> tuple[Node, Node]:
+                    weighting: str, real: Node | None = None) -> tuple[Node, Node]:
     """Predictor graph: the block runs on all tokens with attention restricted to selected keys; selected
-    tokens get x + w(r) * f, the others pass through. Returns the merged output and the stats node."""
+    tokens get x + w(r) * f, the others pass through; padded tokens (`real` 0) are never selected.
+    Returns the merged output and the stats node."""
     attn = [n for n in block.nodes if n.target is _ATTENTION]
     if not attn and any(n.target in _SOFTMAX for n in block.nodes):
         raise ModfxError(
@@ -183,6 +184,9 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
     with graph.inserting_before(block.first):
         p = predictor_logits(graph, root, block, hidden)
         sel = call(graph, aten.gt.Scalar, (p, 0.0), stack=st, tag="predictor")  # [B, S]
+        if real is not None:
+            sel = call(graph, aten.logical_and.default, (sel, real_tokens(graph, real, p, block, "predictor")),
+                       stack=st, tag="predictor")
         if attn:
             keep = _key_mask(graph, block, sel)  # [B, 1, S, S]
     for a in attn:

@@ -166,7 +166,7 @@ def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, real: N
     if block.batch_axis == 1:
         logits = call(graph, aten.permute.default, (logits, [1, 0]), stack=st)  # [B, S]
     if real is not None:
-        real = _real_tokens(graph, real, logits, block)
+        real = real_tokens(graph, real, logits, block)
     if logits.meta["val"].dtype == torch.float64:  # no room for the position next to 64-bit score bits
         if real is not None:  # padding last (after real tokens scored -inf, too: the stable sort's order)
             logits = call(graph, aten.where.ScalarOther, (real, logits, float("-inf")), stack=st, tag="topk")
@@ -180,7 +180,7 @@ def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, real: N
     return S, k, logits, idx
 
 
-def _real_tokens(graph: Graph, mask: Node, logits: Node, block: Block) -> Node:
+def real_tokens(graph: Graph, mask: Node, logits: Node, block: Block, tag: str = "topk") -> Node:
     """The padding-mask input as a bool [B, S] (True = real token), checked against the block's tokens."""
     want = [str(expr(d)) for d in logits.meta["val"].shape]
     v = mask.meta.get("val")
@@ -190,7 +190,7 @@ def _real_tokens(graph: Graph, mask: Node, logits: Node, block: Block) -> Node:
             f"block {block.name}: padding_mask input {mask.name} has shape {got}, but the block's tokens are "
             f"[batch, tokens] = {want}: give a mask with one entry per token of the blocks' hidden states"
         )
-    return call(graph, aten.ne.Scalar, (mask, 0), stack=block.stack, tag="topk")
+    return call(graph, aten.ne.Scalar, (mask, 0), stack=block.stack, tag=tag)
 
 
 def _topk_earliest(graph: Graph, logits: Node, S, k, st, real: Node | None = None) -> Node:
