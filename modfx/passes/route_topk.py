@@ -30,7 +30,9 @@ S -> k; when S is static (e.g. a patch count), literal S in the region's size ar
 a check that S is no other size in the block (`_static_token_count`). The top-k runs over one int64 key
 per token, the score's order-preserving bits above its reversed position, so ties in the router score go
 to the earlier token and the chosen set is that of a stable descending sort, whatever the top-k kernel
-(float64 scores leave no room for the position: they take the stable sort).
+(float64 scores leave no room for the position: they take the stable sort). With `MoDConfig.padding_mask`,
+a padded token's key gets score bits below every real token's, so padding takes a slot only when a
+sequence has fewer than k real tokens.
 
 Contract: requires a discovered `Block` and its router node; ensures the block region runs on k tokens
 and returns `Routed` (the indices and the merged output) for the predictor pass.
