@@ -23,7 +23,7 @@ import sympy
 import torch
 from torch.fx import Graph, Node
 
-aten = torch.ops.aten
+from .passes.route_topk import chosen_count
 
 __all__ = ["render"]
 
@@ -95,8 +95,7 @@ def _symbol_names(graph: Graph) -> dict:
                 out[d.node.expr] = f"s{i - 1}" if base == "s" else base if i == 1 else f"{base}{i}"
     k_exprs = []
     for n in graph.nodes:
-        at = {aten.topk.default: 1, aten.slice.Tensor: 3}.get(n.target) if n.meta.get("modfx_role") == "topk" else None
-        k = n.args[at] if at is not None and len(n.args) > at else None  # top-k's k (a stable sort's slice end)
+        k = chosen_count(n)
         v = k.meta.get("val") if isinstance(k, Node) else None
         if isinstance(v, torch.SymInt) and not isinstance(v.node.expr, sympy.Symbol) and v.node.expr not in k_exprs:
             k_exprs.append(v.node.expr)

@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import ModfxError
 from .graph_utils import aten, expr, fake_mode_of, module_paths, op_arg, shape_exprs, token_axis_length
+from .route_topk import chosen_count
 
 CAUSAL = sympy.Integer(1)  # factor on causal attention; Rational(1, 2) would halve it (torch does not)
 ROUTING = ("router", "sort", "topk", "gather", "scatter", "predictor")
@@ -261,10 +262,11 @@ class Names:
                 break
         k, length = {}, {}
         for n in graph.nodes:
-            if n.meta.get("modfx_role") == "topk" and n.target in (aten.topk.default, aten.slice.Tensor):
-                b = module_paths(n)[-1]  # the top-k (or the slice of a stable sort: float64 scores)
-                chosen = n.meta["val"][0] if n.target is aten.topk.default else n.meta["val"]
-                k[b], length[b] = expr(chosen.shape[1]), shape_exprs(n.args[0])[1]
+            count = chosen_count(n)
+            if count is not None:
+                b = module_paths(n)[-1]
+                k[b] = expr(count.meta["val"] if isinstance(count, Node) else count)
+                length[b] = shape_exprs(n.args[0])[1]
         distinct = {e for e in k.values() if not e.is_Symbol and e.free_symbols}
         for b, e in k.items():
             if e in distinct:

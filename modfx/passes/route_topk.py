@@ -149,6 +149,13 @@ def broadcast_batch(graph: Graph, s: SideInput, B, stack) -> Node:
     return call(graph, aten.expand.default, (s.node, sizes), stack=stack)
 
 
+def chosen_count(n: Node):
+    """The k argument (an int or a SymInt node) of the node that picks a routed block's k tokens (the top-k,
+    or the slice of a stable sort for float64 scores); None for any other node."""
+    at = {aten.topk.default: 1, aten.slice.Tensor: 3}.get(n.target) if n.meta.get("modfx_role") == "topk" else None
+    return n.args[at] if at is not None and len(n.args) > at else None
+
+
 def padding_input(graph: Graph, name: str) -> Node:
     """The captured model's input `name` (MoDConfig.padding_mask)."""
     inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
