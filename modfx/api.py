@@ -59,7 +59,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
         args, kwargs = infer_example_inputs(model)
 
     args, kwargs = _long_enough(*_batch_of_two(args, kwargs), config)
-    cap = capture(model, args, kwargs)
+    cap = capture(model, args, kwargs, token_input=config.token_input)
     mod = MoDModule(next(iter(cap.modules.values())))
     type(mod).forward.__signature__ = _signature(model)
     mod.train(model.training)
@@ -94,7 +94,7 @@ def _build(mod: MoDModule, mode: str):
         out.args = (tuple(out.args[0]) + tuple(result.stats),)
         if config.check_flops:
             names = [b.name for b in result.blocks]
-            check_budget(g, graph, names, [names[i] for i in result.routed])
+            check_budget(g, graph, names, [names[i] for i in result.routed], cap.seq_expr)
         mod.adopt_attrs(cap.modules[training], g)
         built[id(graph)] = mod._programs[(mode, training)], mod.modfx_graphs[(mode, training)] = program(mod, g), g
     return result
@@ -107,7 +107,7 @@ def _recapture(mod: MoDModule, fn) -> None:
     old = mod.modfx_capture
     twin = old.twin._apply(fn)
     args, kwargs = pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, old.example_inputs)
-    mod.modfx_capture = capture(twin, args, kwargs, copy_model=False)
+    mod.modfx_capture = capture(twin, args, kwargs, copy_model=False, token_input=mod.modfx_config.token_input)
     mod.__dict__.pop("modfx_decoders", None)  # generate's programs were built from the old capture
     modes = {mode for mode, _ in mod._programs}
     mod._programs.clear()
@@ -184,7 +184,7 @@ def _check_still_symbolic(cap) -> None:
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor):
             fixed.update({f"{n.name}.shape[{i}]": int(d.node.expr) for i, d in enumerate(val.shape)
-                          if isinstance(d, torch.SymInt) and d.node.expr.is_number})
+                          if isinstance(d, torch.SymInt) and d.node.expr.is_number and (n.name, i) not in cap.specialised})
     if fixed:
         raise ModfxError(
             f"the symbolic input sizes of this transformed module were fixed after the transform ({fixed}): code "
@@ -205,7 +205,7 @@ def _input_sizes(cap) -> tuple:
         if not isinstance(val, torch.Tensor):
             out.append(None)
             continue
-        sizes = tuple(d if isinstance(d, int) else None for d in val.shape)
+        sizes = tuple(d if isinstance(d, int) else int(d.node.expr) if d.node.expr.is_number else None for d in val.shape)
         out.append((name, sizes))
     return tuple(out)
 
@@ -222,7 +222,8 @@ def _batch_of_two(args: tuple, kwargs: dict):
 def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):
     """Repeat the example along its token axis until k >= 2: with k = 1 at capture, shape propagation
     specialises the routed block's token count to the constant 1, and the symbolic sizes no longer match."""
-    leaves = pytree.tree_leaves((args, kwargs))
+    tokens = (kwargs[config.token_input],) if config.token_input in kwargs else (args, kwargs)  # the routed blocks'
+    leaves = pytree.tree_leaves(tokens)
     seqs = [t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
     if not seqs or config.k(seqs[0]) >= 2:
         return args, kwargs

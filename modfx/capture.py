@@ -24,9 +24,17 @@ class Capture:
     modules: dict[bool, GraphModule]  # the unlifted modules the graphs came from (own the weights)
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
-    seq_expr: sympy.Expr | None  # length of the inputs' token axis (a symbol when dynamic)
+    seq_expr: sympy.Expr | None  # length of the routed blocks' token axis (a symbol when dynamic)
     example_inputs: tuple[tuple, dict]
     twin: nn.Module  # the private copy that was exported; shares its parameters with the graphs
+    specialised: frozenset = frozenset()  # (input, axis): dynamic in the export spec, a number in the graph
+
+
+def specialised_axes(graph: Graph) -> frozenset:
+    """(placeholder name, axis) of every input axis whose size is a SymInt that resolves to a number: the
+    model fixed it (e.g. Whisper's mel bins, read by a convolution), so it is static after all."""
+    return frozenset((n.name, i) for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)
+                     for i, d in enumerate(n.meta["val"].shape) if isinstance(d, torch.SymInt) and d.node.expr.is_number)
 
 
 def dynamic_shapes_for(args: tuple, kwargs: dict):
@@ -105,9 +113,11 @@ def _drop_dtype_asserts(graph: Graph) -> None:
             graph.erase_node(n)
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True) -> Capture:
+def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True,
+            token_input: str | None = None) -> Capture:
     """Export a deep copy of `model` (the user's model is never touched); copy_model=False exports
-    `model` itself (a twin made by an earlier capture, after `.to()`)."""
+    `model` itself (a twin made by an earlier capture, after `.to()`). `token_input` names the input
+    whose token axis the routed blocks run over (default: the first input's)."""
     if copy_model:
         _warn_about_hooks(model)
     twin = copy.deepcopy(model) if copy_model else model
@@ -128,7 +138,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
         modules,
         modules[first]._in_spec,
         modules[first]._out_spec,
-        token_axis_length(modules[first].graph),
+        token_axis_length(modules[first].graph, token_input),
         (args, kwargs),
         twin,
+        specialised_axes(modules[first].graph),
     )

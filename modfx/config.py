@@ -40,6 +40,9 @@ class MoDConfig:
         shaped [B, S] over the routed blocks' tokens (e.g. Hugging Face's "attention_mask"): padded tokens
         rank below every real token in the top-k, so they take a routed slot only when a sequence has fewer
         than k real tokens, and predictor routing never selects them. None: every token competes.
+    token_input: name of the model input whose token axis the routed blocks run over. None: the first
+        input's axis 1 (e.g. input_ids), or axis 0 of a sequence-first model. In an encoder-decoder model
+        this picks the stack: "decoder_input_ids" routes the decoder (the encoder then runs dense).
     check_flops: run the FLOP budget check after the rewrite.
     """
 
@@ -52,6 +55,7 @@ class MoDConfig:
     aux_loss_weight: float = 0.01
     router_aux_weight: float = 0.0
     padding_mask: str | None = None
+    token_input: str | None = None
     check_flops: bool = True
 
     def __post_init__(self):
@@ -81,6 +85,8 @@ class MoDConfig:
             raise ModfxError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}")
         if self.padding_mask is not None and not isinstance(self.padding_mask, str):
             raise ModfxError(f"padding_mask must be the name of a model input (a str) or None, got {self.padding_mask!r}")
+        if self.token_input is not None and not isinstance(self.token_input, str):
+            raise ModfxError(f"token_input must be the name of a model input (a str) or None, got {self.token_input!r}")
         if not float(self.router_aux_weight) >= 0.0:
             raise ModfxError(f"router_aux_weight must be >= 0, got {self.router_aux_weight!r}")
 

@@ -84,8 +84,8 @@ def flops(module: nn.Module, example_inputs=None, *, example_kwargs=None) -> Flo
     """FLOPs of `module` (a `modfx.transform` result, or any model torch.export can capture), symbolic
     in B, S, k and evaluated at the example inputs' shapes (for a transformed module they are optional:
     the shapes it was captured with are used)."""
-    graph, spec, blocks, kind = _graph_of(module, example_inputs, example_kwargs)
-    names = Names.of(graph, [b for b, _ in blocks])
+    graph, spec, blocks, kind, seq = _graph_of(module, example_inputs, example_kwargs)
+    names = Names.of(graph, [b for b, _ in blocks], seq)
     costs = count(graph, [b for b, _ in blocks], root=module)
     given = {}
     if example_inputs is not None or example_kwargs:
@@ -112,13 +112,14 @@ def flops(module: nn.Module, example_inputs=None, *, example_kwargs=None) -> Flo
 
 
 def _graph_of(module, example_inputs, example_kwargs):
-    """(graph, input spec, [(block, routed)], description) of a transformed or a dense module."""
+    """(graph, input spec, [(block, routed)], description, token-axis length) of a transformed or a dense
+    module."""
     graphs = getattr(module, "modfx_graphs", None)
     if graphs:
         graph = graphs[(module._routing, module.training)]
         blocks = [(b.name, b.routed) for b in module.modfx_plan.blocks]
         n = sum(r for _, r in blocks)
-        return graph, module._in_spec, blocks, f"MoD, {n}/{len(blocks)} blocks routed"
+        return graph, module._in_spec, blocks, f"MoD, {n}/{len(blocks)} blocks routed", module.modfx_capture.seq_expr
     if not isinstance(module, nn.Module):
         raise ModfxError(f"modfx.flops expects an nn.Module, got {type(module).__name__}")
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
@@ -128,7 +129,7 @@ def _graph_of(module, example_inputs, example_kwargs):
         blocks = [(b.name, False) for b in find_blocks(graph, cap.seq_expr)]
     except ModfxError:
         blocks = []
-    return graph, cap.in_spec, blocks, "dense"
+    return graph, cap.in_spec, blocks, "dense", cap.seq_expr
 
 
 def _bind(graph, spec, args, kwargs) -> dict:

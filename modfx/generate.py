@@ -65,6 +65,13 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     if not config.predictor and not dense:
         raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
     twin = cap.twin
+    first = next(iter(inspect.signature(twin.forward).parameters), None)
+    if config.token_input is not None and config.token_input != first:
+        raise ModfxError(
+            f"generate samples decoder-only models, whose routed blocks run over their first input ({first}); "
+            f"this module routes the blocks over {config.token_input!r} (token_input=), e.g. the decoder of an "
+            "encoder-decoder model, which generate does not drive"
+        )
     was_training = twin.training
     twin.eval()
     args, kwargs = cap.example_inputs

@@ -17,11 +17,13 @@ import warnings
 from typing import Callable
 
 import pytest
+import sympy
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 import modfx
+from modfx.flops import torch_count
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,6 +46,11 @@ def padded(batch=B, seq=S):
 
 def pixels(batch=B, seq=None):
     return {"pixel_values": torch.randn(batch, 3, 16, 16)}  # 16 patches of 4x4 + CLS: S = 17, static
+
+
+def seq2seq(batch=B, seq=S):
+    """Encoder tokens and decoder tokens of other lengths: the decoder's are the routed ones."""
+    return {"input_ids": torch.randint(0, V, (batch, seq + 3)), "decoder_input_ids": torch.randint(0, V, (batch, seq))}
 
 
 def hidden(batch=B, seq=S):
@@ -90,6 +97,7 @@ class Case:
     # projections of Qwen3 and OLMo2). Under autocast that dtype is bf16 at run time but was float32 at
     # capture, so any captured program (plain torch.export too) runs float32 there: compare with that.
     reads_dtypes: bool = False
+    token_input: str | None = None  # MoDConfig.token_input: route the stack over this input's tokens
 
 
 CASES = {
@@ -140,6 +148,15 @@ CASES = {
                        bos_token_id=0, eos_token_id=0), ids_of, "logits", [(2, 3)], compile=False),
     "roberta": Case(hf("RobertaModel", "RobertaConfig", **TEXT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                        pad_token_id=1), padded, "last_hidden_state", [(2, 3)], compile=False),
+    "bart-decoder": Case(hf("BartForConditionalGeneration", "BartConfig", vocab_size=V, d_model=64, encoder_layers=2,
+                            decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                            decoder_ffn_dim=128, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                            activation_dropout=0.0, use_cache=False), seq2seq, "logits", [(2,), (2, 3)], compile=False,
+                         blocks=("model.decoder.layers.0", "model.decoder.layers.1"), token_input="decoder_input_ids"),
+    "t5-decoder": Case(hf("T5ForConditionalGeneration", "T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=128,
+                          num_layers=3, num_heads=4, dropout_rate=0.0, use_cache=False), seq2seq, "logits",
+                       [(2,), (2,), (2, 3), (2, 3)], compile=False, blocks=("decoder.block.1", "decoder.block.2"),
+                       token_input="decoder_input_ids"),  # block 0 makes the position biases the others read
     "tenc-pre": Case(lambda: Encoder(True, None), hidden, None, [], positional=True, compile=False),
     "tenc-pre-causal": Case(lambda: Encoder(True, "causal"), hidden, None, [], positional=True, compile=False),
     "tenc-post-mask": Case(lambda: Encoder(False, "mask"), hidden, None, [(2, 3)], positional=True,
@@ -153,6 +170,8 @@ def run(case: Case, model, inputs: dict):
 
 
 def transform(case: Case, model, inputs: dict, **overrides):
+    if case.token_input:
+        overrides = {"token_input": case.token_input, **overrides}
     if case.positional:
         return modfx.transform(model, tuple(inputs.values()), **overrides)
     return modfx.transform(model, example_kwargs=inputs, **overrides)
@@ -459,3 +478,82 @@ def test_an_encoder_decoder_routes_its_encoder_and_says_the_decoder_is_not_route
         mod = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
     assert [b.name for b in modfx.plan(mod).routed] == ["encoder.block.1", "encoder.block.2"]
     torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_token_input_routes_the_decoder_whose_body_then_scales_with_its_own_k():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = transform(case, model, inputs, capacity=0.25, every=2)
+    report = modfx.flops(mod)
+    rows = {r.name: r.expr for r in (*report.blocks, *report.kinds)}
+    routing = sum(rows.get(kind, 0) for kind in ("router", "sort", "topk", "gather", "scatter", "predictor"))
+    body = sympy.expand(rows["model.decoder.layers.1"] - routing)  # one routed block: all the routing is its
+    assert {str(s) for s in body.free_symbols} == {"B", "k", "S_input_ids"}  # k decoder tokens, every encoder token
+    assert report.at == {"B": B, "S": S, "S_input_ids": S + 3, "k": 3}
+
+
+def test_flops_of_a_routed_decoder_agree_with_flop_counter_mode():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = transform(case, model, inputs, capacity=0.25, every=2)
+    report = modfx.flops(mod)
+    counted = torch_count(mod, (), example_kwargs=inputs, backward=True)
+    data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+    assert report.train_at - data == sum(counted.values())
+
+
+def test_predictor_routing_of_a_decoder_leaves_cross_attention_over_every_encoder_token():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = transform(case, model, inputs, capacity=0.25, every=1, weighting="none").eval()
+    with torch.no_grad():
+        for b in modfx.plan(mod).routed:
+            mod.get_submodule(f"{b.name}.mod_predictor")[2].bias.fill_(100.0)  # the predictor selects every token
+    modfx.set_routing(mod, "predictor")
+    with torch.no_grad():  # every token through every block, self-attention unrestricted: the model itself
+        torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_predictor_routing_of_a_decoder_is_causal_in_the_decoder_tokens():
+    case = CASES["t5-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = modfx.set_routing(transform(case, model, inputs), "predictor").eval()
+    later = dict(inputs, decoder_input_ids=inputs["decoder_input_ids"].clone())
+    later["decoder_input_ids"][:, 7:] = (later["decoder_input_ids"][:, 7:] + 1) % V
+    with torch.no_grad():
+        a, b = mod(**inputs).logits, mod(**later).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_token_input_must_name_an_input_with_a_token_axis():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    with pytest.raises(modfx.ModfxError, match=r"token_input='labels'.*no input of that name; its inputs are input_ids, decoder_input_ids"):
+        modfx.transform(model, example_kwargs=inputs, token_input="labels")
+    vit = CASES["vit"]
+    with pytest.raises(modfx.ModfxError, match=r"token_input='pixel_values'.*no dynamic token axis 1"):
+        modfx.transform(vit.build().eval(), example_kwargs=pixels(), token_input="pixel_values")
+
+
+def test_generate_refuses_a_module_routed_over_another_input():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = transform(case, model, inputs)
+    with pytest.raises(modfx.ModfxError, match=r"generate samples decoder-only models.*'decoder_input_ids'"):
+        modfx.generate(mod, inputs["input_ids"], max_new_tokens=2)
+
+
+def test_an_input_axis_the_model_fixes_stays_static():
+    """Whisper's mel features [B, mels, frames]: export is told axes 0 and 1 are dynamic, the model's
+    convolution fixes the mel count. It is static in the transformed module, not "fixed after the transform"."""
+    model = hf("WhisperForConditionalGeneration", "WhisperConfig", vocab_size=V, d_model=64, encoder_layers=2,
+               decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+               decoder_ffn_dim=128, num_mel_bins=8, max_source_positions=16, max_target_positions=64, use_cache=False,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)().eval()
+    inputs = {"input_features": torch.randn(B, 8, 32), "decoder_input_ids": torch.randint(0, V, (B, S))}
+    mod = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    assert [b.name for b in modfx.plan(mod).routed] == ["model.decoder.layers.0", "model.decoder.layers.1"]
+    torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
+    with pytest.raises(modfx.ModfxError, match=r"input kwargs\['input_features'\] has shape \[2, 6, 32\].*\[\*, 8, 32\]"):
+        mod(**dict(inputs, input_features=torch.randn(B, 6, 32)))

@@ -12,7 +12,9 @@
 A block is a module path ending in an integer (an element of a ModuleList/Sequential: `layers.3`)
 whose nodes form one region that maps a hidden state [B, S, D] to a hidden state of the same shape and
 contains a residual add of that input. Among the groups of such sibling paths (`<prefix>.0..N`), the
-group with the most valid members wins (ties: the shallowest). Nothing here knows model or class names.
+group whose valid members cover the most nodes wins (ties: the shallowest), so whole layers win over the
+sublayers of one of them (T5's decoder: blocks 1 and 2 over the 3 sublayers of block 1). Nothing here
+knows model or class names.
 
 Contract: requires meta['val'] and nn_module_stack on call_function nodes (torch.export guarantees both);
 ensures each block's region is contiguous in graph order (independent interleaved nodes are moved ahead).
@@ -114,7 +116,8 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
         if bad and (len(blocks) < 2 or 2 * len(bad) >= len(members)):
             rejected[prefix] = (len(members), bad[0])
             continue
-        found.append((-len(blocks), prefix.count("."), prefix, blocks, bad))  # bad: e.g. T5's block 0
+        covered = sum(len(b.nodes) for b in blocks)
+        found.append((-covered, prefix.count("."), prefix, blocks, bad))  # bad: e.g. T5's block 0
     if not found:
         detail = "".join(f"\n  - {p}.*: {why}" for p, (_, why) in list(rejected.items())[:8])
         detail = detail or "\n  - no module path ends in an index"
@@ -145,8 +148,9 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
         if outermost and not _within(other, prefix) and not _within(prefix, other):
             warnings.warn(
                 f"modfx routes the blocks {prefix}.*; the {count} modules {other}.* are not routed: {why}. "
-                "modfx routes one stack of blocks, the one over the first input's token axis (in an "
-                "encoder-decoder model, the encoder).",
+                "modfx routes one stack of blocks: the one over the token axis of MoDConfig.token_input (by "
+                "default the first input with one). Name another input there to route another stack, e.g. "
+                "token_input='decoder_input_ids' for the decoder of an encoder-decoder model.",
                 stacklevel=2,
             )
     for i, b in enumerate(blocks):
@@ -301,7 +305,7 @@ def _token_axes(shape, seq_expr, path):
         axes = [i for i in (0, 1) if seq_expr.free_symbols & sympy.sympify(shape[i]).free_symbols]
         if not axes and any(sympy.sympify(d).free_symbols for d in shape[:2]):
             raise _OtherSequence(f"{path}: its hidden state {tuple(shape)} runs over another sequence than the "
-                                 f"input's tokens ({seq_expr})")
+                                 f"routed tokens ({seq_expr})")
         if len(axes) != 1:
             raise _Invalid(f"{path}: cannot tell the token axis of its hidden state {tuple(shape)}")
         return axes[0], 1 - axes[0], shape[axes[0]]

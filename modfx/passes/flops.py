@@ -247,10 +247,11 @@ class Names:
         return {**env, **{p: v for p, v in named.items() if v.is_Integer}}
 
     @staticmethod
-    def of(graph: Graph, blocks=()) -> "Names":
+    def of(graph: Graph, blocks=(), seq: sympy.Expr | None = None) -> "Names":
+        """`seq`: the routed blocks' token-axis length (Capture.seq_expr); default: the first input's."""
         pos = dict(integer=True, positive=True)
         table, S = {}, None
-        seq = token_axis_length(graph)  # axis 1 of the inputs, or 0 for a sequence-first model
+        seq = token_axis_length(graph) if seq is None else seq  # axis 1 of the inputs, or 0 sequence-first
         placeholders = graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else []
         for ph in placeholders:
             shape = shape_exprs(ph)
@@ -260,6 +261,10 @@ class Names:
                     table[batch] = sympy.Symbol("B", **pos)
                 table[seq] = S = sympy.Symbol("S", **pos)
                 break
+        for ph in placeholders:  # another sequence (an encoder's, when the decoder is routed): S_<input>
+            shape = shape_exprs(ph)
+            if shape and len(shape) >= 2 and shape[1].is_Symbol and shape[1] not in table:
+                table[shape[1]] = sympy.Symbol(f"S_{ph.name}", **pos)
         k, length = {}, {}
         for n in graph.nodes:
             count = chosen_count(n)
@@ -323,10 +328,11 @@ def _ideal(dense: list[Cost], dnames: Names, names: Names, routed) -> tuple[symp
     return sympy.Add(*expect.values()), expect
 
 
-def check_budget(graph: Graph, dense: Graph, blocks, routed, rel: float = 1e-3) -> None:
-    """Raise `ModfxError` if a routed block's body still scales with S, or if the routed graph's forward
-    FLOPs exceed the dense graph's with the routed blocks run on k tokens, plus the routing overhead."""
-    names, dnames = Names.of(graph, blocks), Names.of(dense, blocks)
+def check_budget(graph: Graph, dense: Graph, blocks, routed, seq: sympy.Expr | None = None, rel: float = 1e-3) -> None:
+    """Raise `ModfxError` if a routed block's body still scales with S (`seq`, the routed blocks' token
+    axis), or if the routed graph's forward FLOPs exceed the dense graph's with the routed blocks run on k
+    tokens, plus the routing overhead."""
+    names, dnames = Names.of(graph, blocks, seq), Names.of(dense, blocks, seq)
     costs, dcosts = count(graph, blocks), count(dense, blocks)
     for b in routed:
         _check_body(b, costs, names)

@@ -14,6 +14,8 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 from torch.fx.node import map_aggregate
 
+from ..errors import ModfxError
+
 aten = torch.ops.aten
 
 
@@ -157,14 +159,17 @@ def module_paths(node: Node) -> list[str]:
     return [path for path, _ in stack.values() if isinstance(path, str)]
 
 
-def token_axis_length(graph: Graph) -> sympy.Expr | None:
+def token_axis_length(graph: Graph, name: str | None = None) -> sympy.Expr | None:
     """The length of the inputs' token axis: axis 1 of the first 2-D+ input with a symbolic axis 1
     ([B, S, ...]), unless the attention ops run over the symbol of an input's axis 0 instead (a
-    sequence-first model, [S, B, ...]): the token axis is the one that attention mixes."""
+    sequence-first model, [S, B, ...]): the token axis is the one that attention mixes. With `name`
+    (MoDConfig.token_input), axis 1 of that input."""
+    if name is not None:
+        return _named_token_axis(graph, name)
     axis0, axis1 = [], []
     for ph in graph.find_nodes(op="placeholder"):
         v = ph.meta.get("val")
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and isinstance(v.shape[1], torch.SymInt):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and expr(v.shape[1]).free_symbols:  # not fixed by the model
             axis0.append(expr(v.shape[0]))
             axis1.append(expr(v.shape[1]))
     if not axis1:
@@ -179,3 +184,16 @@ def token_axis_length(graph: Graph) -> sympy.Expr | None:
         if seq_first:
             return seq_first[0]
     return axis1[0]
+
+
+def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
+    inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    if name not in inputs:
+        raise ModfxError(f"token_input={name!r}: the captured model has no input of that name; its inputs are "
+                         f"{', '.join(inputs)}")
+    v = inputs[name].meta.get("val")
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not expr(v.shape[1]).free_symbols:
+        shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ModfxError(f"token_input={name!r}: that input ({shape}) has no dynamic token axis 1; name an input "
+                         "shaped [batch, tokens, ...] such as input_ids or decoder_input_ids")
+    return expr(v.shape[1])

@@ -38,7 +38,7 @@ from torch.fx import Graph, Node
 from ..config import predictor_width
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, fake_mode_of, get_attr, op_arg, propagate
+from .graph_utils import aten, call, fake_mode_of, get_attr, op_arg, propagate, shape_exprs
 from .route_topk import Routed, _weighted, contribution, real_tokens, size
 from .router import get_or_add_module
 
@@ -173,6 +173,7 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
     tokens get x + w(r) * f, the others pass through; padded tokens (`real` 0) are never selected.
     Returns the merged output and the stats node."""
     attn = [n for n in block.nodes if n.target is _ATTENTION]
+    self_attn = [a for a in attn if _key_length(a) == block.seq_expr]  # not cross-attention to another sequence
     if not attn and any(n.target in _SOFTMAX for n in block.nodes):
         raise ModfxError(
             f"block {block.name}: its attention is not a scaled_dot_product_attention op, so predictor routing "
@@ -187,9 +188,9 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
         if real is not None:
             sel = call(graph, aten.logical_and.default, (sel, real_tokens(graph, real, p, block, "predictor")),
                        stack=st, tag="predictor")
-        if attn:
+        if self_attn:
             keep = _key_mask(graph, block, sel)  # [B, 1, S, S]
-    for a in attn:
+    for a in self_attn:
         _restrict_attention(graph, a, keep, st)
     propagate(block.nodes, fake_mode_of(graph))
 
@@ -209,6 +210,11 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
         u.replace_input_with(y, merged)
     merged.meta["modfx_sel"] = sel  # which tokens entered the block, for the KV-cache prefill
     return merged, stats
+
+
+def _key_length(a: Node):
+    """The length of an attention's key axis, as a sympy expression."""
+    return shape_exprs(a.args[1])[-2]
 
 
 def _key_mask(graph: Graph, block: Block, sel: Node) -> Node:
