@@ -181,20 +181,44 @@ def _logits(user_outputs, out_spec) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _real_tokens_first(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids with each row's real tokens moved to its front, in order, [B, P]; real-token count [B]).
+    A prompt padded anywhere (left, as Hugging Face pads for generation, or right) becomes right-padded:
+    causal attention keeps the padding after every real token out of their sight, and the model's own
+    positions 0..n-1 are the real tokens' positions."""
+    if attention_mask is None:
+        return input_ids, torch.full(input_ids.shape[:1], input_ids.shape[1], device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ModfxError(f"attention_mask must be a tensor shaped like input_ids {list(input_ids.shape)} "
+                         f"(nonzero = real token, 0 = padding), got {got}")
+    real = attention_mask != 0
+    n = real.sum(1)
+    if bool((n == 0).any()):
+        raise ModfxError(f"attention_mask marks no real token in rows {(n == 0).nonzero()[:, 0].tolist()}: every "
+                         "prompt needs at least one")
+    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), n
+
+
 @torch.no_grad()
-def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, compile: bool = False, return_logits: bool = False,
-             dense: bool = False):
+def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None,
+             temperature: float = 0.0, top_k: int | None = None, compile: bool = False,
+             return_logits: bool = False, dense: bool = False):
     """Sample `max_new_tokens` tokens after `input_ids` [B, P], routing with the predictor.
 
     Every block keeps a KV cache of only the tokens that entered it, at their true positions; at a
     decode step a routed block whose predictor skips every row executes nothing. Returns the ids
     [B, P + max_new_tokens] (and the logits of each new token [B, N, V] with return_logits=True).
+    attention_mask [B, P] (nonzero = real token) lets a batch hold prompts of different lengths, padded on
+    either side: each row continues its own real tokens, and the new tokens follow the given ids.
     compile=True compiles the decode step with Inductor (one graph); dense=True runs every block on every
     token (the dense model with the same caches, as a baseline).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ModfxError("generate expects input_ids of shape [B, P] with P >= 1")
+    prompt, n_real = _real_tokens_first(input_ids, attention_mask)  # [B, P], [B]
+    real = torch.arange(input_ids.shape[1], device=input_ids.device) < n_real[:, None]  # [B, P]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ModfxError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -204,8 +228,9 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     n_out = dec.out_spec.num_leaves
     B, P = input_ids.shape
     L = P + max_new_tokens
-    outs = dec.prefill(mod, input_ids)
-    logits = _logits(outs[:n_out], dec.out_spec)[:, -1]  # [B, V]
+    rows = torch.arange(B, device=input_ids.device)
+    outs = dec.prefill(mod, prompt)
+    logits = _logits(outs[:n_out], dec.out_spec)[rows, n_real - 1]  # [B, V] at each row's last real token
     rest = outs[n_out + dec.n_stats:]
     n_attn = len(dec.sig.attention)
     kv, sels = rest[: 2 * n_attn], dict(zip(dec.sig.routed, rest[2 * n_attn:]))
@@ -213,7 +238,7 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     caches = []
     for j, blk in enumerate(dec.sig.attention):
         k, v = kv[2 * j], kv[2 * j + 1]  # [B, H, P, hd]
-        keep = sels.get(blk, torch.ones(B, P, dtype=torch.bool, device=k.device))
+        keep = sels[blk] & real if blk in sels else real  # padding never enters a cache
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # entered tokens first, in order
         K = k.new_zeros(*k.shape[:-2], L, k.shape[-1])
         V = v.new_zeros(*v.shape[:-2], L, v.shape[-1])
@@ -226,14 +251,13 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, te
     if compile:
         step = torch.compile(step, fullgraph=True)
     ids, new_logits = input_ids, []
-    rows = torch.arange(B, device=input_ids.device)
     for t in range(max_new_tokens):
         new_logits.append(logits)
         tok = _sample(logits, temperature, top_k)[:, None]  # [B, 1]
         ids = torch.cat([ids, tok], 1)
         if t == max_new_tokens - 1:
             break
-        pos = torch.full((B, 1), P + t, dtype=torch.int64, device=ids.device)
+        pos = (n_real + t)[:, None]  # [B, 1]: each row's next position
         extra = []
         for blk in dict.fromkeys(dec.sig.attention):
             extra.append(lens[blk])

@@ -221,3 +221,33 @@ def test_cached_generation_of_hugging_face_decoders_equals_recomputing_the_seque
     mod(want_ids)
     selected = modfx.routing_stats(mod)[block.name]["selected"]
     assert 0.2 < selected < 0.8  # the predictor skips some tokens and runs others: both cache paths are used
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dense", [False, True], ids=["routed", "dense"])
+def test_a_padded_batch_generates_what_each_prompt_generates_alone(side, dense):
+    model, mod, ids = make()
+    half_selecting(mod, model, ids)
+    n = 7  # row 1's real tokens; the other 5 are padding
+    mask = torch.ones_like(ids)
+    padded = ids.clone()
+    pad = slice(0, P - n) if side == "left" else slice(n, P)
+    mask[1, pad] = 0
+    padded[1, pad] = 0
+    real1 = padded[1:, mask[1] == 1]
+    got_ids, got_logits = modfx.generate(mod, padded, N, attention_mask=mask, return_logits=True, dense=dense)
+    for row, prompt in ((0, ids[:1]), (1, real1)):
+        want_ids, want_logits = modfx.generate(mod, prompt, N, return_logits=True, dense=dense)
+        assert torch.equal(got_ids[row, P:], want_ids[0, prompt.shape[1]:])
+        torch.testing.assert_close(got_logits[row], want_logits[0], rtol=0, atol=1e-4)
+    assert torch.equal(got_ids[:, :P], padded)  # the prompts come back as given
+
+
+def test_a_padding_mask_without_real_tokens_or_of_another_shape_is_refused():
+    _, mod, ids = make()
+    with pytest.raises(modfx.ModfxError, match=r"attention_mask must be a tensor shaped like input_ids \[2, 12\]"):
+        modfx.generate(mod, ids, 2, attention_mask=torch.ones(2, 5))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(modfx.ModfxError, match=r"no real token in rows \[1\]"):
+        modfx.generate(mod, ids, 2, attention_mask=mask)
