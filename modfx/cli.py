@@ -3,9 +3,11 @@
     modfx bench   --model llama --layers 8 --d-model 256 --seq 512 --batch 2 [--backward] [--json out.json]
     modfx inspect --hf gpt2 --layers 2 --d-model 64
     modfx flops   --model gpt --layers 4
+    modfx bench   --hf-config path/to/config.json --layers 4
 
-Every subcommand builds the same model from the same flags: a reference model (`--model`) or a small
-Hugging Face model with random weights (`--hf`, no download), then `modfx.transform`s it.
+Every subcommand builds the same model from the same flags: a reference model (`--model`), a small
+Hugging Face model with random weights (`--hf`, no download) or any Hugging Face architecture from a
+local config file (`--hf-config`, random weights), then `modfx.transform`s it.
 `bench` compiles dense and MoD with Inductor (`torch.compile(m, fullgraph=True)`) and times all four.
 """
 
@@ -42,7 +44,9 @@ def build_model(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     L, d, h, V = args.layers, args.d_model, args.heads, args.vocab
     max_len = max(2048, args.seq + 1)
-    if args.hf:
+    if args.hf_config:
+        model = _hf_config_model(args)
+    elif args.hf:
         model = _hf_model(args.hf, L, d, h, V, max_len)
     else:
         from modfx.models import encoder, gpt, llama, moe
@@ -77,7 +81,32 @@ def _hf_model(name: str, L: int, d: int, h: int, V: int, max_len: int) -> torch.
     return T.AutoModelForCausalLM.from_config(cfg)
 
 
+def _hf_config_model(args) -> torch.nn.Module:
+    """The architecture a local Hugging Face config describes (a config.json, or a directory holding one),
+    random weights, as a causal LM when transformers has one for it (else its base model). --layers, when
+    given, replaces the config's layer count; --vocab becomes the config's vocabulary size."""
+    import transformers as T
+
+    try:
+        cfg = T.AutoConfig.from_pretrained(args.hf_config, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModfxError(f"--hf-config {args.hf_config}: not a readable Hugging Face config ({e})") from None
+    if args.layers_given:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, args.layers)
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    args.vocab = cfg.vocab_size
+    try:
+        return T.AutoModelForCausalLM.from_config(cfg)
+    except ValueError:  # no causal LM for this architecture (an encoder)
+        return T.AutoModel.from_config(cfg)
+
+
 def model_name(args) -> str:
+    if args.hf_config:
+        return f"hf-config:{args.hf_config}" + (f" L={args.layers}" if args.layers_given else "")
     name = f"hf:{args.hf}" if args.hf else args.model
     return f"{name} L={args.layers} d={args.d_model} heads={args.heads} vocab={args.vocab}"
 
@@ -291,7 +320,7 @@ def bench(args) -> dict:
 
 def versions(args) -> dict:
     v = {"python": platform.python_version(), "torch": torch.__version__, "modfx": modfx.__version__}
-    if args.hf:
+    if args.hf or args.hf_config:
         import transformers
 
         v["transformers"] = transformers.__version__
@@ -420,7 +449,9 @@ def parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", choices=("gpt", "llama", "encoder", "moe"), default="llama", help="reference model")
     src.add_argument("--hf", choices=HF_MODELS, help="small Hugging Face model, random weights (needs transformers)")
-    g.add_argument("--layers", type=positive, default=8)
+    src.add_argument("--hf-config", metavar="PATH", help="a local Hugging Face config.json (or its directory), random "
+                     "weights, as configured: only --layers applies")
+    g.add_argument("--layers", type=positive, default=None, help="blocks (default 8)")
     g.add_argument("--d-model", type=positive, default=256)
     g.add_argument("--heads", type=positive, default=8)
     g.add_argument("--vocab", type=positive, default=256)
@@ -457,15 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     args.argv = argv
-    if args.d_model % args.heads:
+    args.layers_given = args.layers is not None
+    args.layers = args.layers or 8
+    if args.hf or args.hf_config:
+        args.model = None
+    if args.d_model % args.heads and not args.hf_config:
         ap.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    rope = args.hf in ("llama", "mistral", "qwen2", "gpt_neox") or (not args.hf and args.model in ("llama", "moe"))
+    rope = args.hf in ("llama", "mistral", "qwen2", "gpt_neox") or args.model in ("llama", "moe")
     if rope and (args.d_model // args.heads) % 2:
         ap.error(f"the head dimension --d-model / --heads = {args.d_model // args.heads} must be even (RoPE)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("modfx: --device cuda but torch.cuda.is_available() is False")
-    if args.hf:
-        args.model = None
     try:
         return args.func(args)
     except ModfxError as e:

@@ -80,3 +80,19 @@ def test_bad_flag_values_end_in_a_one_line_error(flags, message, capsys):
         cli.main(["inspect", *TINY, *flags])
     shown = exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err
     assert re.search(message, shown) and "Traceback" not in shown
+
+
+def test_hf_config_builds_the_architecture_a_local_config_describes(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                            num_key_value_heads=2, pad_token_id=0).save_pretrained(tmp_path)
+    # (ids drawn from the default --vocab 256 would index past the config's 96 embeddings)
+    assert cli.main(["inspect", "--hf-config", str(tmp_path), "--layers", "2", "--seq", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "modfx plan: 1/2 blocks routed" in out and "model.layers.1" in out  # --layers replaced the config's 6
+
+
+def test_hf_config_that_cannot_be_read_ends_in_a_one_line_error(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(SystemExit, match=r"modfx: error: --hf-config .*missing: not a readable Hugging Face config"):
+        cli.main(["flops", "--hf-config", str(tmp_path / "missing")])
