@@ -25,11 +25,24 @@ ROUTING_MODES = ("topk", "predictor")
 _instances = itertools.count()
 
 
+def _size(t: torch.Tensor, dim: int):
+    """`aten.sym_size.int` as the program runs it: `t.size(dim)`, which torch.func.vmap answers with the
+    per-sample size (the aten op has no batching rule)."""
+    return t.size(dim)
+
+
 def program(owner: nn.Module, graph: Graph):
     """The Python function an FX graph compiles to, taking the module that owns its weights as `self`
     (so every variant reads the same, current parameters and buffers, also after `.to()`)."""
     graph._codegen = CodeGen()  # flat inputs -> flat outputs; MoDModule does the pytree work
-    return type(GraphModule(owner, graph)).forward
+    sizes = list(graph.find_nodes(op="call_function", target=torch.ops.aten.sym_size.int))
+    for n in sizes:  # only in the generated code: the graph keeps the aten op
+        n.target = _size
+    try:
+        return type(GraphModule(owner, graph)).forward
+    finally:
+        for n in sizes:
+            n.target = torch.ops.aten.sym_size.int
 
 
 class MoDModule(nn.Module):

@@ -354,6 +354,24 @@ def test_torch_func_grad_equals_backward():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_per_sample_gradients_under_vmap_equal_one_backward_per_sample():
+    torch.manual_seed(0)
+    mod = modfx.transform(MODELS["llama"](), (ids_of(),), capacity=0.25)  # with the predictor's aux loss
+    ids = ids_of(batch=3)
+    params = {n: p.detach() for n, p in mod.named_parameters()}
+
+    def loss(p, x):  # one sequence, as a batch of one
+        return torch.func.functional_call(mod, p, (x[None],)).logits.pow(2).mean()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids)
+    for i in range(3):
+        mod.zero_grad(set_to_none=True)
+        mod(ids[i : i + 1]).logits.pow(2).mean().backward()
+        for n, p in mod.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert per_sample["layers.1.mod_router.weight"].abs().sum() > 0
+
+
 def test_symbolic_sizes_with_max_and_min_are_emitted():
     from modfx.passes.graph_utils import emit_sym_expr
 

@@ -52,6 +52,8 @@ class _AddAuxLoss(torch.autograd.Function):
     """Returns `out` unchanged; in backward, gives `aux` the gradient 1 (so `aux` is minimised as if it
     had been added to the loss) without touching the gradient that flows to `out`."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(out, aux):
         return out.view_as(out)

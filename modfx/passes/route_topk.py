@@ -103,6 +103,8 @@ def token_index(graph: Graph, idx: Node, like: Node, seq_axis: int, batch_axis: 
 class _SplitTokens(torch.autograd.Function):
     """(x, x[rows]): one backward for both uses of x, adding the chosen rows' gradient into y's in place."""
 
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) runs forward and backward per sample
+
     @staticmethod
     def forward(x, *rows):
         return x.view_as(x), x[rows]
