@@ -58,7 +58,7 @@ def transform(model: nn.Module, example_inputs: tuple | Any = None, config: MoDC
     if not args and not kwargs:
         args, kwargs = infer_example_inputs(model)
 
-    args, kwargs = _long_enough(*_batch_of_two(args, kwargs), config)
+    args, kwargs = _long_enough(*_batch_of_two(args, kwargs), config, inspect.signature(model.forward))
     cap = capture(model, args, kwargs, token_input=config.token_input)
     mod = MoDModule(next(iter(cap.modules.values())))
     type(mod).forward.__signature__ = _signature(model)
@@ -219,12 +219,18 @@ def _batch_of_two(args: tuple, kwargs: dict):
     return pytree.tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t, (args, kwargs))
 
 
-def _long_enough(args: tuple, kwargs: dict, config: MoDConfig):
+def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspect.Signature):
     """Repeat the example along its token axis until k >= 2: with k = 1 at capture, shape propagation
     specialises the routed block's token count to the constant 1, and the symbolic sizes no longer match."""
-    tokens = (kwargs[config.token_input],) if config.token_input in kwargs else (args, kwargs)  # the routed blocks'
-    leaves = pytree.tree_leaves(tokens)
+    leaves = pytree.tree_leaves((args, kwargs))
     seqs = [t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
+    if config.token_input is not None:  # the routed blocks' tokens are that input's, by position or keyword
+        try:
+            named = signature.bind_partial(*args, **kwargs).arguments.get(config.token_input)
+        except TypeError:
+            named = None
+        if isinstance(named, torch.Tensor) and named.dim() >= 2:
+            seqs = [named.shape[1]]
     if not seqs or config.k(seqs[0]) >= 2:
         return args, kwargs
     S = seqs[0]

@@ -399,7 +399,7 @@ def cmd_inspect(args) -> int:
         from modfx.snapshot import render
     except ImportError:
         render = None
-    print(render(graph) if render else _listing(graph))
+    print(render(graph, mod.modfx_capture.seq_expr) if render else _listing(graph))
     return 0
 
 

@@ -21,7 +21,7 @@ from .errors import ModfxError
 from .module import MoDModule, program
 from .passes import run_pipeline
 from .passes.discover import find_blocks
-from .passes.graph_utils import module_paths, op_arg
+from .passes.graph_utils import module_paths, op_arg, shape_exprs
 from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
 from .passes.predictor import _ATTENTION
 
@@ -55,6 +55,15 @@ def _positions_arg(model) -> str:
     )
 
 
+def _routed_input(cap) -> str | None:
+    """The name of the input whose token axis the routed blocks run over (None when not one input's)."""
+    for ph in next(iter(cap.graphs.values())).find_nodes(op="placeholder"):
+        shape = shape_exprs(ph)
+        if shape and len(shape) >= 2 and cap.seq_expr in shape[:2]:
+            return ph.name
+    return None
+
+
 def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     """Build (once) the prefill and decode programs of a transformed module; dense=True builds them
     with no block routed (the dense baseline, with the same KV caches)."""
@@ -66,11 +75,12 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
         raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
     twin = cap.twin
     first = next(iter(inspect.signature(twin.forward).parameters), None)
-    if config.token_input is not None and config.token_input != first:
+    routed = _routed_input(cap)
+    if routed is not None and routed != first:
         raise ModfxError(
             f"generate samples decoder-only models, whose routed blocks run over their first input ({first}); "
-            f"this module routes the blocks over {config.token_input!r} (token_input=), e.g. the decoder of an "
-            "encoder-decoder model, which generate does not drive"
+            f"this module routes the blocks over the tokens of {routed!r} (e.g. the decoder of an encoder-decoder "
+            "model), which generate does not drive"
         )
     was_training = twin.training
     twin.eval()
@@ -192,7 +202,7 @@ def _real_tokens_first(input_ids: torch.Tensor, attention_mask) -> tuple[torch.T
         got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ModfxError(f"attention_mask must be a tensor shaped like input_ids {list(input_ids.shape)} "
                          f"(nonzero = real token, 0 = padding), got {got}")
-    real = attention_mask != 0
+    real = attention_mask.to(input_ids.device) != 0
     n = real.sum(1)
     if bool((n == 0).any()):
         raise ModfxError(f"attention_mask marks no real token in rows {(n == 0).nonzero()[:, 0].tolist()}: every "

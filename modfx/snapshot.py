@@ -34,10 +34,11 @@ _DTYPES = {
 }
 
 
-def render(graph: Graph) -> str:
-    """The graph as text: one line per placeholder and call_function node, then its output."""
+def render(graph: Graph, seq=None) -> str:
+    """The graph as text: one line per placeholder and call_function node, then its output. `seq` (the
+    routed blocks' token-axis length, Capture.seq_expr) is named S when given."""
     names = _names(graph)
-    syms = _symbol_names(graph)
+    syms = _symbol_names(graph, seq)
     lines = []
     for n in graph.nodes:
         if n.op == "placeholder":
@@ -80,10 +81,10 @@ def _names(graph: Graph) -> dict[Node, str]:
     return names
 
 
-def _symbol_names(graph: Graph) -> dict:
+def _symbol_names(graph: Graph, seq=None) -> dict:
     """sympy symbol -> display name, plus "__k__": the routed token counts (k expressions) in order."""
-    out: dict = {}
-    seen: dict[str, int] = {}
+    out: dict = {seq: "S"} if isinstance(seq, sympy.Symbol) else {}
+    seen: dict[str, int] = {"S": 1} if out else {}
     for n in graph.find_nodes(op="placeholder"):
         v = n.meta.get("val")
         if not isinstance(v, torch.Tensor):

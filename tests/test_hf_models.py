@@ -557,3 +557,26 @@ def test_an_input_axis_the_model_fixes_stays_static():
     torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
     with pytest.raises(modfx.ModfxError, match=r"input kwargs\['input_features'\] has shape \[2, 6, 32\].*\[\*, 8, 32\]"):
         mod(**dict(inputs, input_features=torch.randn(B, 6, 32)))
+    with pytest.raises(modfx.ModfxError, match=r"generate samples decoder-only models.*'decoder_input_ids'"):
+        modfx.generate(mod, inputs["decoder_input_ids"], max_new_tokens=2, dense=True)  # the routed tokens are not the first input's
+
+
+def test_a_short_decoder_given_by_position_is_lengthened_for_the_capture():
+    model = CASES["t5-decoder"].build().eval()
+    enc, dec = torch.randint(0, V, (B, 12)), torch.randint(0, V, (B, 3))  # k = 1 at capacity 0.25: too short
+    mod = modfx.transform(model, (enc, None, dec), capacity=0.25, token_input="decoder_input_ids")
+    assert mod(enc, None, dec).logits.shape == (B, 3, V)
+    assert mod(enc, None, torch.randint(0, V, (B, 9))).logits.shape == (B, 9, V)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["sequence-first", "batch-first"])
+def test_token_input_routes_the_decoder_of_nn_transformer(batch_first):
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                           dropout=0.0, batch_first=batch_first).eval()
+    src, tgt = torch.randn(15, B, 32), torch.randn(S, B, 32)
+    if batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    mod = modfx.transform(model, (src, tgt), capacity=1.0, weighting="none", every=1, predictor=False, token_input="tgt")
+    assert [b.name for b in modfx.plan(mod).routed] == ["decoder.layers.0", "decoder.layers.1"]
+    torch.testing.assert_close(mod(src, tgt), model(src, tgt), rtol=1e-5, atol=2e-5)

@@ -163,7 +163,7 @@ def token_axis_length(graph: Graph, name: str | None = None) -> sympy.Expr | Non
     """The length of the inputs' token axis: axis 1 of the first 2-D+ input with a symbolic axis 1
     ([B, S, ...]), unless the attention ops run over the symbol of an input's axis 0 instead (a
     sequence-first model, [S, B, ...]): the token axis is the one that attention mixes. With `name`
-    (MoDConfig.token_input), axis 1 of that input."""
+    (MoDConfig.token_input), the token axis of that input, told apart the same way."""
     if name is not None:
         return _named_token_axis(graph, name)
     axis0, axis1 = [], []
@@ -174,16 +174,22 @@ def token_axis_length(graph: Graph, name: str | None = None) -> sympy.Expr | Non
             axis1.append(expr(v.shape[1]))
     if not axis1:
         return None
-    attended = set()
-    for n in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
-        q = n.args[0].meta.get("val")
-        if isinstance(q, torch.Tensor) and q.dim() >= 2:
-            attended |= expr(q.shape[-2]).free_symbols  # S, or k = f(S) in a routed block
+    attended = _attended(graph)
     if attended and not axis1[0].free_symbols & attended:
         seq_first = [e for e in axis0 if e.is_Symbol and e in attended]
         if seq_first:
             return seq_first[0]
     return axis1[0]
+
+
+def _attended(graph: Graph) -> set:
+    """The symbols in the query lengths of the graph's attention ops (S, or k = f(S) in a routed block)."""
+    attended = set()
+    for n in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        q = n.args[0].meta.get("val")
+        if isinstance(q, torch.Tensor) and q.dim() >= 2:
+            attended |= expr(q.shape[-2]).free_symbols
+    return attended
 
 
 def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
@@ -192,8 +198,12 @@ def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
         raise ModfxError(f"token_input={name!r}: the captured model has no input of that name; its inputs are "
                          f"{', '.join(inputs)}")
     v = inputs[name].meta.get("val")
-    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not expr(v.shape[1]).free_symbols:
+    axis0, axis1 = (expr(v.shape[0]), expr(v.shape[1])) if isinstance(v, torch.Tensor) and v.dim() >= 2 else (None, None)
+    if axis1 is None or not (axis0.free_symbols or axis1.free_symbols):
         shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ModfxError(f"token_input={name!r}: that input ({shape}) has no dynamic token axis 1; name an input "
+        raise ModfxError(f"token_input={name!r}: that input ({shape}) has no dynamic token axis; name an input "
                          "shaped [batch, tokens, ...] such as input_ids or decoder_input_ids")
-    return expr(v.shape[1])
+    attended = _attended(graph)
+    if axis0.is_Symbol and axis0 in attended and not axis1.free_symbols & attended:
+        return axis0  # sequence-first: [tokens, batch, ...]
+    return axis1

@@ -176,6 +176,13 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
     Returns the merged output and the stats node."""
     attn = [n for n in block.nodes if n.target is _ATTENTION]
     self_attn = [a for a in attn if _key_length(a) == block.seq_expr]  # not cross-attention to another sequence
+    for a in attn:
+        if a not in self_attn and _key_length(a).free_symbols & block.seq_expr.free_symbols:
+            raise ModfxError(
+                f"block {block.name}: attention {a.name} has {_key_length(a)} keys, a length that follows the block's "
+                f"{block.seq_expr} tokens without being it (extra memory or prefix keys?), so predictor routing cannot "
+                "limit its keys to the selected tokens; top-k routing handles it"
+            )
     if not attn and any(n.target in _SOFTMAX for n in block.nodes):
         raise ModfxError(
             f"block {block.name}: its attention is not a scaled_dot_product_attention op, so predictor routing "
