@@ -232,3 +232,36 @@ def test_hooks_on_the_model_are_reported_as_running_only_at_capture():
     calls = len(seen)
     mod(ids())
     assert len(seen) == calls  # as the warning says
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.proj(x)
+
+
+class SharedLayer(nn.Module):
+    """One layer applied three times (weights shared across depth, as in ALBERT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Residual()])
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.layers[0](x)
+        return x
+
+
+def test_a_layer_called_repeatedly_is_refused_not_routed_as_one_block():
+    with pytest.raises(modfx.ModfxError, match=r"(?s)no transformer blocks found.*layers\.0 runs 3 times \(one module called repeatedly"):
+        modfx.transform(SharedLayer(), (torch.randn(2, 16, 32),))
+
+
+def test_a_configuration_that_routes_no_block_is_refused():
+    with pytest.raises(modfx.ModfxError, match=r"routes none of the 1 blocks found \(layers\.0\): every=2 .* use every=1"):
+        modfx.transform(Stack([Residual()]), (torch.randn(2, 16, 32),))
+    assert len(modfx.plan(modfx.transform(Stack([Residual()]), (torch.randn(2, 16, 32),), every=1)).routed) == 1

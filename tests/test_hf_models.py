@@ -580,3 +580,71 @@ def test_token_input_routes_the_decoder_of_nn_transformer(batch_first):
     mod = modfx.transform(model, (src, tgt), capacity=1.0, weighting="none", every=1, predictor=False, token_input="tgt")
     assert [b.name for b in modfx.plan(mod).routed] == ["decoder.layers.0", "decoder.layers.1"]
     torch.testing.assert_close(mod(src, tgt), model(src, tgt), rtol=1e-5, atol=2e-5)
+
+
+def test_a_batch_broadcast_side_input_the_block_repeats_by_its_literal_size_is_explained():
+    """GPT-J's blocks repeat a [1, S] position table by its batch size, which export saw as the constant 1;
+    routed, the table is [B, k]. The error says so, and position ids with a full batch axis work."""
+    model = hf("GPTJForCausalLM", "GPTJConfig", "eager", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+               rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0,
+               eos_token_id=0)().eval()
+    inputs = ids_of()
+    with pytest.raises(modfx.ModfxError, match=r"size-1 batch axis.*pass the input with a full batch axis"):
+        modfx.transform(model, example_kwargs=inputs)
+    inputs["position_ids"] = torch.arange(S).expand(B, S)
+    mod = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
+
+
+# More architectures, one check each: capacity 1.0 without weighting reproduces the model, and the default
+# transform runs at another batch and length. (The CASES above run the full set of checks.)
+NODROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+MORE = {
+    "gemma2": hf("Gemma2ForCausalLM", "Gemma2Config", "eager", **TEXT, num_key_value_heads=2, head_dim=16, use_cache=False),
+    "gemma3": hf("Gemma3ForCausalLM", "Gemma3TextConfig", **{**TEXT, "num_hidden_layers": 4}, num_key_value_heads=2,
+                 head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, use_cache=False),
+    "cohere": hf("CohereForCausalLM", "CohereConfig", **TEXT, num_key_value_heads=2, use_cache=False),
+    "starcoder2": hf("Starcoder2ForCausalLM", "Starcoder2Config", **TEXT, num_key_value_heads=2, residual_dropout=0.0,
+                     embedding_dropout=0.0, attention_dropout=0.0, use_cache=False),
+    "codegen": hf("CodeGenForCausalLM", "CodeGenConfig", "eager", vocab_size=V, n_embd=64, n_layer=2, n_head=4,
+                  n_positions=64, n_ctx=64, rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                  use_cache=False, bos_token_id=0, eos_token_id=0),
+    "persimmon": hf("PersimmonForCausalLM", "PersimmonConfig", **TEXT, hidden_dropout=0.0, attention_dropout=0.0,
+                    use_cache=False),
+    "phi": hf("PhiForCausalLM", "PhiConfig", **TEXT, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+              partial_rotary_factor=0.5, use_cache=False),
+    "qwen2-moe": hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **TEXT, num_key_value_heads=2, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128, use_cache=False),
+    "granite": hf("GraniteForCausalLM", "GraniteConfig", **TEXT, num_key_value_heads=2, residual_multiplier=0.5,
+                  embedding_multiplier=2.0, attention_multiplier=0.25, logits_scaling=2.0, use_cache=False),
+    "nemotron": hf("NemotronForCausalLM", "NemotronConfig", **TEXT, num_key_value_heads=2, partial_rotary_factor=0.5,
+                   use_cache=False),
+    "olmo": hf("OlmoForCausalLM", "OlmoConfig", **TEXT, num_key_value_heads=2, pad_token_id=0, clip_qkv=8.0, use_cache=False),
+    "glm4": hf("Glm4ForCausalLM", "Glm4Config", **TEXT, num_key_value_heads=2, head_dim=16, pad_token_id=0, use_cache=False),
+    "distilbert": hf("DistilBertModel", "DistilBertConfig", vocab_size=V, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0),
+    "deberta-v2": hf("DebertaV2Model", "DebertaV2Config", "eager", **TEXT, **NODROP),
+    "electra": hf("ElectraModel", "ElectraConfig", **TEXT, embedding_size=32, **NODROP),
+    "modernbert": hf("ModernBertModel", "ModernBertConfig", **{**TEXT, "num_hidden_layers": 3}, local_attention=8,
+                     global_attn_every_n_layers=3, pad_token_id=0),
+    "clip-text": hf("CLIPTextModel", "CLIPTextConfig", vocab_size=V, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64),
+    "deit": hf("DeiTModel", "DeiTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, image_size=16, patch_size=4, num_channels=3),
+    "beit": hf("BeitModel", "BeitConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, image_size=16, patch_size=4, num_channels=3, drop_path_rate=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_architectures_reproduce_at_capacity_one_and_run_routed(name):
+    torch.manual_seed(0)
+    model = MORE[name]().eval()
+    make = pixels if name in ("deit", "beit") else ids_of
+    inputs, other = make(), make(batch=3, seq=S + 5)
+    dense = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**inputs)[0], model(**inputs)[0], rtol=1e-5, atol=2e-5)
+        mod = modfx.transform(model, example_kwargs=inputs)
+        assert modfx.plan(mod).routed
+        assert mod(**other)[0].shape == model(**other)[0].shape

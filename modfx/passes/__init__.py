@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import Graph
 
 from ..config import MoDConfig
+from ..errors import ModfxError
 from .discover import Block, find_blocks
 from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
@@ -43,6 +44,12 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                  mode: str = "topk") -> PipelineResult:
     blocks = find_blocks(graph, seq_expr)
     routed = config.routed(len(blocks))
+    if not routed:
+        raise ModfxError(
+            f"the configuration routes none of the {len(blocks)} blocks found ({', '.join(b.name for b in blocks)}): "
+            f"every={config.every} routes blocks 1, {1 + config.every}, ... (counting from 0); "
+            "use every=1 or name the blocks to route with blocks=(...)"
+        )
     real = padding_input(graph, config.padding_mask) if config.padding_mask else None  # [B, S], 0 = padding
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input

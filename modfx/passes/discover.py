@@ -168,6 +168,10 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
     nodes = _without_outside_size_arithmetic(nodes)
     if not nodes:
         raise _Invalid(f"{path} has no nodes")
+    calls = {key for n in nodes for key, (p, _) in n.meta["nn_module_stack"].items() if p == path}
+    if len(calls) > 1:  # export numbers a module's later calls: `<key>@1`, `<key>@2`, ...
+        raise _Invalid(f"{path} runs {len(calls)} times (one module called repeatedly, its weights shared across "
+                       "depth, as in ALBERT); modfx routes modules, so it cannot route these calls one by one")
     nodes = _make_contiguous(graph, nodes, path)
     region = set(nodes)
 

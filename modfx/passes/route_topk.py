@@ -263,10 +263,17 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
         try:
             propagate([n], fake_mode)
         except Exception as e:  # noqa: BLE001 - re-raised with the block and node named
+            broadcast = [f"{s.node.name} {list(s.node.meta['val'].shape)}" for s in block.side_inputs if s.broadcast_batch]
+            hint = (
+                f" The block reads {', '.join(broadcast)} with a size-1 batch axis (e.g. position ids [1, S]); routed, "
+                "it becomes [B, k, ...], since every sequence picks its own tokens. If the block's code treats that "
+                "axis as a literal 1 (repeat by it, squeeze it), pass the input with a full batch axis instead (e.g. "
+                "position_ids of shape [B, S])." if broadcast else ""
+            )
             raise ModfxError(
                 f"block {block.name}: node {n.name} ({n.target}) cannot run on the k routed tokens: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Its shapes depend on the "
-                "token count in a way modfx cannot rewrite."
+                "token count in a way modfx cannot rewrite." + hint
             ) from e
 
     yg = block.out
@@ -440,7 +447,11 @@ def _probe(block: Block, external: list[Node], S: int, t: int, sizes: dict) -> d
                 raise ModfxError(
                     f"block {block.name}: node {n.name} ({n.target}) fails when the block runs on another number "
                     f"of tokens than the static sequence length {S}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                    f"{str(e).splitlines()[0] if str(e) else ''}. With a static sequence length modfx rewrites every "
+                    f"literal {S} in the block's sizes to k; that fails when {S} is also another size of the block "
+                    "(e.g. the head dimension), or when the block works on a fixed number of tokens (positions or "
+                    "relative-position tables built inside it, windows over a grid, a scan). Use an input size whose "
+                    f"token count differs from every other dimension, or capture with a dynamic sequence length."
                 ) from e
     return env
 
