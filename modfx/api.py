@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import capture
+from .capture import capture, has_token_axis
 from .config import MoDConfig
 from .errors import ModfxError
 from .module import ROUTING_MODES, MoDModule, program
@@ -229,7 +229,7 @@ def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspec
             named = signature.bind_partial(*args, **kwargs).arguments.get(config.token_input)
         except TypeError:
             named = None
-        if isinstance(named, torch.Tensor) and named.dim() >= 2:
+        if isinstance(named, torch.Tensor) and has_token_axis(named):
             seqs = [named.shape[1]]
     if not seqs or config.k(seqs[0]) >= 2:
         return args, kwargs

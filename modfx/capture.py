@@ -45,11 +45,16 @@ def dynamic_shapes_for(args: tuple, kwargs: dict):
     def spec(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
-        if t.dim() == 2 or (t.dim() == 3 and t.is_floating_point()) or (t.dim() >= 2 and not t.is_floating_point()):
+        if has_token_axis(t):
             return {0: Dim.AUTO, 1: Dim.AUTO}
         return {0: Dim.AUTO}
 
     return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+
+
+def has_token_axis(t: torch.Tensor) -> bool:
+    """An input whose axes 0 and 1 are captured dynamic: ids and masks [B, S, ...], hidden states [B, S, F]."""
+    return t.dim() == 2 or (t.dim() == 3 and t.is_floating_point()) or (t.dim() >= 2 and not t.is_floating_point())
 
 
 def _mode_dependent(graph: Graph) -> bool:

@@ -83,7 +83,8 @@ def _hf_model(name: str, L: int, d: int, h: int, V: int, max_len: int) -> torch.
 
 def _hf_config_model(args) -> torch.nn.Module:
     """The architecture a local Hugging Face config describes (a config.json, or a directory holding one),
-    random weights, as a causal LM when transformers has one for it (else its base model). --layers, when
+    random weights, as a causal LM (a seq2seq LM for an encoder-decoder) when transformers has one for it,
+    else its base model. --layers, when
     given, replaces the config's layer count; --vocab becomes the config's vocabulary size."""
     import transformers as T
 
@@ -98,9 +99,10 @@ def _hf_config_model(args) -> torch.nn.Module:
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
     args.vocab = cfg.vocab_size
+    head = T.AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else T.AutoModelForCausalLM
     try:
-        return T.AutoModelForCausalLM.from_config(cfg)
-    except ValueError:  # no causal LM for this architecture (an encoder)
+        return head.from_config(cfg)
+    except ValueError:  # no such head for this architecture (an encoder)
         return T.AutoModel.from_config(cfg)
 
 
@@ -116,29 +118,40 @@ def example_ids(args) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
 
 
+def example_inputs(args, model) -> tuple[tuple, dict]:
+    """(args, kwargs) of one call: token ids [B, S]; for an encoder-decoder model also decoder ids [B, S]."""
+    ids = example_ids(args)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        g = torch.Generator().manual_seed(args.seed + 1)
+        dec = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+        return (), {"input_ids": ids, "decoder_input_ids": dec}
+    return (ids,), {}
+
+
 def build(args):
-    """(dense model, MoD model, ids, transform seconds)."""
+    """(dense model, MoD model, example (args, kwargs), transform seconds)."""
     log(f"building {model_name(args)} ({args.dtype}, {args.device})")
     model = build_model(args)
-    ids = example_ids(args)
+    inputs = example_inputs(args, model)
     log(f"transforming (capacity {args.capacity}, every {args.every}) at B={args.batch} S={args.seq}")
     t = time.perf_counter()
-    mod = modfx.transform(model, (ids,), capacity=args.capacity, every=args.every,
-                          predictor=not args.no_predictor).eval()
-    return model, mod, ids, time.perf_counter() - t
+    mod = modfx.transform(model, inputs[0], example_kwargs=inputs[1], capacity=args.capacity, every=args.every,
+                          predictor=not args.no_predictor, token_input=args.token_input).eval()
+    return model, mod, inputs, time.perf_counter() - t
 
 
 # --- timing and memory -------------------------------------------------------------------------------
 
-def make_step(m, ids, backward: bool):
-    """One forward (no_grad) or one forward + backward of mean(first output)."""
+def make_step(m, inputs, backward: bool):
+    """One forward (no_grad) or one forward + backward of mean(first output); inputs = (args, kwargs)."""
+    a, kw = inputs
     if not backward:
         def step():
             with torch.no_grad():
-                m(ids)
+                m(*a, **kw)
     else:
         def step():
-            m(ids)[0].float().mean().backward()
+            m(*a, **kw)[0].float().mean().backward()
             m.zero_grad(set_to_none=True)
     return step
 
@@ -234,11 +247,11 @@ def _trim() -> None:
         pass
 
 
-def graph_breaks(m, ids, backward: bool) -> tuple[int, int]:
+def graph_breaks(m, inputs, backward: bool) -> tuple[int, int]:
     """(graphs, graph breaks) dynamo sees in one forward. torch._dynamo.explain resets dynamo, so call
     this before compiling anything."""
     with torch.set_grad_enabled(backward):
-        e = torch._dynamo.explain(m)(ids)
+        e = torch._dynamo.explain(m)(*inputs[0], **inputs[1])
     return e.graph_count, e.graph_break_count
 
 
@@ -248,19 +261,19 @@ def bench(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    model, mod, ids, transform_s = build(args)
+    model, mod, inputs, transform_s = build(args)
     for m in (model, mod):
         m.train(args.backward)
     kind = "fwd+bwd" if args.backward else "forward"
     flop, k = {}, None
     for name, m in (("dense", model), ("MoD", mod)):
         log(f"counting FLOPs ({name})")
-        r = modfx.flops(m, (ids,))
+        r = modfx.flops(m, inputs[0], example_kwargs=inputs[1])
         flop[name], k = (r.train_at if args.backward else r.total_at), r.at.get("k", k)
     breaks = {}
     for name, m in (("dense", model), ("MoD", mod)):  # before compiling: explain resets dynamo
         log(f"counting graph breaks ({name}, torch._dynamo.explain)")
-        breaks[name] = graph_breaks(m, ids, args.backward)
+        breaks[name] = graph_breaks(m, inputs, args.backward)
 
     rows, steps = [], {}
     for name, m in (("dense", model), ("MoD", mod)):
@@ -269,12 +282,12 @@ def bench(args) -> dict:
             row = {"variant": variant, "model": name, "compiled": compiled, "flops": flop[name]}
             rows.append(row)
             if not compiled:
-                steps[variant] = make_step(m, ids, args.backward)
+                steps[variant] = make_step(m, inputs, args.backward)
                 continue
             log(f"{variant}: compiling with Inductor (fullgraph=True, caches {'on' if args.cache else 'off'})")
             t = time.perf_counter()
             try:
-                step = make_step(torch.compile(m, fullgraph=True), ids, args.backward)
+                step = make_step(torch.compile(m, fullgraph=True), inputs, args.backward)
                 with torch._inductor.config.patch(force_disable_caches=not args.cache), warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
                     step()  # compiles (cold unless --cache: honest compile seconds)
@@ -422,9 +435,9 @@ def _listing(graph) -> str:
 
 
 def cmd_flops(args) -> int:
-    model, mod, ids, _ = build(args)
+    model, mod, (a, kw), _ = build(args)
     log("counting FLOPs")
-    dense, routed = modfx.flops(model, (ids,)), modfx.flops(mod, (ids,))
+    dense, routed = modfx.flops(model, a, example_kwargs=kw), modfx.flops(mod, a, example_kwargs=kw)
     print(routed)
     rows = [(name, _num(d / 1e9), _num(m / 1e9), f"{d / m:.2f}x")
             for name, d, m in (("forward", dense.total_at, routed.total_at),
@@ -464,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--capacity", type=float, default=0.125)
     t.add_argument("--every", type=int, default=2)
     t.add_argument("--no-predictor", action="store_true", help="transform without the causal predictor branch")
+    t.add_argument("--token-input", metavar="NAME", help="route the blocks over this input's tokens, e.g. "
+                   "decoder_input_ids for the decoder of an encoder-decoder model (--hf-config)")
 
     ap = argparse.ArgumentParser(prog="modfx", description="Mixture-of-Depths as a compiler transformation")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -96,3 +96,13 @@ def test_hf_config_that_cannot_be_read_ends_in_a_one_line_error(tmp_path):
     pytest.importorskip("transformers")
     with pytest.raises(SystemExit, match=r"modfx: error: --hf-config .*missing: not a readable Hugging Face config"):
         cli.main(["flops", "--hf-config", str(tmp_path / "missing")])
+
+
+def test_token_input_routes_the_decoder_of_an_encoder_decoder_config(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                            dropout=0.0).save_pretrained(tmp_path)
+    assert cli.main(["flops", "--hf-config", str(tmp_path), "--seq", "32", "--token-input", "decoder_input_ids"]) == 0
+    out = capsys.readouterr().out
+    assert "model.decoder.layers.1  yes" in out and "S_input_ids=32" in out  # the encoder's tokens, not routed

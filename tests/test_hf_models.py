@@ -532,7 +532,7 @@ def test_token_input_must_name_an_input_with_a_token_axis():
     with pytest.raises(modfx.ModfxError, match=r"token_input='labels'.*no input of that name; its inputs are input_ids, decoder_input_ids"):
         modfx.transform(model, example_kwargs=inputs, token_input="labels")
     vit = CASES["vit"]
-    with pytest.raises(modfx.ModfxError, match=r"token_input='pixel_values'.*no dynamic token axis 1"):
+    with pytest.raises(modfx.ModfxError, match=r"token_input='pixel_values'.*no dynamic token axis"):
         modfx.transform(vit.build().eval(), example_kwargs=pixels(), token_input="pixel_values")
 
 

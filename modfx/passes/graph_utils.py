@@ -198,12 +198,12 @@ def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
         raise ModfxError(f"token_input={name!r}: the captured model has no input of that name; its inputs are "
                          f"{', '.join(inputs)}")
     v = inputs[name].meta.get("val")
-    axis0, axis1 = (expr(v.shape[0]), expr(v.shape[1])) if isinstance(v, torch.Tensor) and v.dim() >= 2 else (None, None)
-    if axis1 is None or not (axis0.free_symbols or axis1.free_symbols):
-        shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ModfxError(f"token_input={name!r}: that input ({shape}) has no dynamic token axis; name an input "
-                         "shaped [batch, tokens, ...] such as input_ids or decoder_input_ids")
-    attended = _attended(graph)
-    if axis0.is_Symbol and axis0 in attended and not axis1.free_symbols & attended:
-        return axis0  # sequence-first: [tokens, batch, ...]
-    return axis1
+    if isinstance(v, torch.Tensor) and v.dim() >= 2:
+        axis0, axis1, attended = expr(v.shape[0]), expr(v.shape[1]), _attended(graph)
+        if axis0.is_Symbol and axis0 in attended and not axis1.free_symbols & attended:
+            return axis0  # sequence-first: [tokens, batch, ...]
+        if axis1.free_symbols:
+            return axis1
+    shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+    raise ModfxError(f"token_input={name!r}: that input ({shape}) has no dynamic token axis; name an input "
+                     "shaped [batch, tokens, ...] such as input_ids or decoder_input_ids")
