@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 import modfx
 from modfx.flops import torch_count
+from reference import widest_middle_gap
 
 transformers = pytest.importorskip("transformers")
 
@@ -648,3 +649,40 @@ def test_more_architectures_reproduce_at_capacity_one_and_run_routed(name):
         mod = modfx.transform(model, example_kwargs=inputs)
         assert modfx.plan(mod).routed
         assert mod(**other)[0].shape == model(**other)[0].shape
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_predictor_routing_limits_written_out_attention_as_it_limits_sdpa(name):
+    """The eager attention implementation (matmul + softmax) gets the same key restriction as SDPA: the two
+    implementations of one model, with the same routers and predictors, agree in predictor routing."""
+    sdpa_case, eager_case = CASES[name], CASES[f"{name}-eager"]
+    torch.manual_seed(0)
+    sdpa = sdpa_case.build().eval()
+    eager = eager_case.build().eval()
+    eager.load_state_dict(sdpa.state_dict())
+    inputs = ids_of()
+    mods = [modfx.set_routing(transform(c, m, inputs), "predictor").eval() for c, m in ((sdpa_case, sdpa), (eager_case, eager))]
+    (routed,) = [b.name for b in modfx.plan(mods[0]).routed]
+    seen = []
+    hook = sdpa.get_submodule(routed).register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else
+                                                                   next(iter(kwargs.values()))), with_kwargs=True)
+    with torch.no_grad():
+        sdpa(**inputs)  # the routed block's input x; its predictor is shifted to select about half of the tokens
+        hook.remove()
+        pred = mods[0].get_submodule(f"{routed}.mod_predictor")
+        pred[2].bias -= widest_middle_gap(pred(seen[0]))  # no token within rounding of the threshold
+    mods[1].load_state_dict(mods[0].state_dict())
+    with torch.no_grad():
+        got, want = (main_output(c, run(c, m, inputs)) for c, m in zip((eager_case, sdpa_case), mods[::-1]))
+    selected = modfx.routing_stats(mods[0])
+    assert all(0 < s["selected"] < 1 for s in selected.values())  # some keys are masked, some not
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    plain = main_output(sdpa_case, run(sdpa_case, sdpa, inputs))
+    assert not torch.allclose(got, plain, atol=1e-3)  # and routing changed the output
+
+
+def test_generate_refuses_written_out_attention_its_caches_cannot_hold():
+    model = CASES["llama-eager"].build().eval()
+    mod = modfx.transform(model, (ids_of()["input_ids"],))
+    with pytest.raises(modfx.ModfxError, match=r"softmax\(q @ k\^T\).*attn_implementation='sdpa'"):
+        modfx.generate(mod, ids_of()["input_ids"], 2, dense=True)

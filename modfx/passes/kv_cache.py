@@ -50,7 +50,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..errors import ModfxError
 from .discover import Block
 from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, op_arg, run_fake, shape_exprs
-from .predictor import _ATTENTION, predictor_logits
+from .predictor import _ATTENTION, predictor_logits, token_softmaxes
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
 
@@ -143,6 +143,15 @@ def rewrite_decode(graph: Graph, root: nn.Module, blocks: list[Block], routed: t
                    owner_prefix: str = "modfx_decode") -> DecodeSignature:
     """Rewrite a capture of new tokens into the cached decode step; appends its extra outputs
     (k, v per attention op, then sel per routed block) to the graph's output."""
+    for b in blocks:
+        written_out = token_softmaxes(b) if not attention_ops(b) else []
+        if written_out:
+            raise ModfxError(
+                f"generate: block {b.name} computes attention as softmax(q @ k^T) ({written_out[0].name}), not with "
+                "scaled_dot_product_attention, whose keys and values the KV caches hold. Build the model with SDPA "
+                "attention (Hugging Face: attn_implementation='sdpa'), or sample by running the full sequence in "
+                "predictor routing (modfx.set_routing(mod, 'predictor'))."
+            )
     fake_mode = fake_mode_of(graph)
     last_ph = graph.find_nodes(op="placeholder")[-1]
     out = graph.output_node()

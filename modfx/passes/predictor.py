@@ -30,7 +30,7 @@ Contract: requires a routed block and its router node; the predictor MLP is regi
 
 from __future__ import annotations
 
-
+import sympy
 import torch
 from torch import nn
 from torch.fx import Graph, Node
@@ -183,11 +183,7 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
                 f"{block.seq_expr} tokens without being it (extra memory or prefix keys?), so predictor routing cannot "
                 "limit its keys to the selected tokens; top-k routing handles it"
             )
-    if not attn and any(n.target in _SOFTMAX for n in block.nodes):
-        raise ModfxError(
-            f"block {block.name}: its attention is not a scaled_dot_product_attention op, so predictor routing "
-            "cannot limit it to the selected tokens; use an SDPA attention implementation for predictor routing"
-        )
+    self_scores = token_softmaxes(block)  # attention written out: softmax(q @ k^T ...) over [B, H, S, S]
     st = block.stack
     x = block.x
     region = set(block.nodes)
@@ -197,10 +193,12 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
         if real is not None:
             sel = call(graph, aten.logical_and.default, (sel, real_tokens(graph, real, p, block, "predictor")),
                        stack=st, tag="predictor")
-        if self_attn:
+        if self_attn or self_scores:
             keep = _key_mask(graph, block, sel)  # [B, 1, S, S]
     for a in self_attn:
         _restrict_attention(graph, a, keep, st)
+    for sm in self_scores:
+        _restrict_scores(graph, sm, keep, st)
     propagate(block.nodes, fake_mode_of(graph))
 
     y = block.out
@@ -219,6 +217,40 @@ def route_predictor(graph: Graph, root: nn.Module, block: Block, r: Node, hidden
         u.replace_input_with(y, merged)
     merged.meta["modfx_sel"] = sel  # which tokens entered the block, for the KV-cache prefill
     return merged, stats
+
+
+def token_softmaxes(block: Block) -> list[Node]:
+    """The block's softmaxes over its own tokens as keys: attention computed as softmax(scores) [B, H, S, S]
+    (eager attention). Raises ModfxError for a softmax over keys that follow S without being S, or over
+    scores laid out otherwise (e.g. [B * H, S, S]), which predictor routing cannot limit to selected keys."""
+    out = []
+    seq = block.seq_expr
+    for n in block.nodes:
+        shape = shape_exprs(n.args[0]) if n.target in _SOFTMAX else None
+        if not shape or op_arg(n.target, n.args, n.kwargs, "dim", -1) not in (-1, len(shape) - 1):
+            continue
+        if not sympy.sympify(shape[-1]).free_symbols & sympy.sympify(seq).free_symbols and shape[-1] != seq:
+            continue  # not over the tokens (e.g. a router's softmax over experts)
+        if shape[-2:] == (seq, seq) and len(shape) == 4 and block.batch_axis == 0:
+            out.append(n)
+        elif shape[-1] == seq and shape[-2] != seq and not sympy.sympify(shape[-2]).free_symbols & sympy.sympify(seq).free_symbols:
+            continue  # cross-attention queries from another sequence
+        else:
+            raise ModfxError(
+                f"block {block.name}: softmax {n.name} over scores {list(shape)} runs over its tokens in a layout "
+                "predictor routing cannot limit to the selected keys (it handles scaled_dot_product_attention and "
+                "softmax over [batch, heads, tokens, tokens]); top-k routing handles it"
+            )
+    return out
+
+
+def _restrict_scores(graph: Graph, sm: Node, keep: Node, st) -> None:
+    """softmax(scores) -> softmax(where(keep, scores, min)): keys a query may not see get the dtype's lowest value."""
+    scores = sm.args[0]
+    low = torch.finfo(scores.meta["val"].dtype).min
+    with graph.inserting_before(sm):
+        masked = call(graph, aten.where.ScalarOther, (keep, scores, low), stack=st)
+    sm.args = (masked, *sm.args[1:])
 
 
 def _key_length(a: Node):
