@@ -239,7 +239,7 @@ def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspec
     reps = next(m for m in range(2, 1 << 16) if config.k(S * m) >= 2)
 
     def lengthen(t):
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == S:
+        if isinstance(t, torch.Tensor) and has_token_axis(t) and t.shape[1] == S:
             return torch.cat([t] * reps, dim=1)
         return t
 

@@ -88,17 +88,28 @@ def _hf_config_model(args) -> torch.nn.Module:
     given, replaces the config's layer count; --vocab becomes the config's vocabulary size."""
     import transformers as T
 
+    if not os.path.exists(args.hf_config):
+        raise ModfxError(f"--hf-config {args.hf_config}: no such file or directory")
     try:
         cfg = T.AutoConfig.from_pretrained(args.hf_config, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModfxError(f"--hf-config {args.hf_config}: not a readable Hugging Face config ({e})") from None
-    if args.layers_given:
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if hasattr(cfg, key):
-                setattr(cfg, key, args.layers)
+    if not isinstance(getattr(cfg, "vocab_size", None), int):
+        raise ModfxError(f"--hf-config {args.hf_config}: a {cfg.model_type} config has no vocab_size; the modfx "
+                         "command builds token-id inputs only (use modfx.transform with your own inputs)")
+    if args.layers_given:  # every stack's depth (an encoder-decoder has one per stack)
+        keys = [k for k in ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
+                            "num_decoder_layers") if isinstance(getattr(cfg, k, None), int)]
+        if not keys:
+            raise ModfxError(f"--layers: the {cfg.model_type} config has no layer-count field modfx knows; "
+                             "set the depth in the config file instead")
+        for key in keys:
+            setattr(cfg, key, args.layers)
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
     args.vocab = cfg.vocab_size
+    for flag in ("d_model", "heads") + (() if args.layers_given else ("layers",)):  # the config's sizes, not
+        setattr(args, flag, None)  # the flags' defaults, go into --json
     head = T.AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else T.AutoModelForCausalLM
     try:
         return head.from_config(cfg)

@@ -142,7 +142,9 @@ class MoDModule(nn.Module):
         key = (self._routing, self.training)
         outs = self._programs[key](self, *flat)
         n = self._n_outputs
-        self._stats = tuple(outs[n:])
+        stats = tuple(outs[n:])
+        if torch.compiler.is_compiling() or not any(map(torch._C._functorch.is_functorch_wrapped_tensor, stats)):
+            self._stats = stats  # (under torch.func transforms they are per-sample values that die with the call)
         return pytree.tree_unflatten(list(outs[:n]), self._out_spec)
 
     @torch.compiler.disable

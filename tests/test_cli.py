@@ -94,7 +94,7 @@ def test_hf_config_builds_the_architecture_a_local_config_describes(tmp_path, ca
 
 def test_hf_config_that_cannot_be_read_ends_in_a_one_line_error(tmp_path):
     pytest.importorskip("transformers")
-    with pytest.raises(SystemExit, match=r"modfx: error: --hf-config .*missing: not a readable Hugging Face config"):
+    with pytest.raises(SystemExit, match=r"modfx: error: --hf-config .*missing: no such file or directory"):
         cli.main(["flops", "--hf-config", str(tmp_path / "missing")])
 
 
@@ -106,3 +106,16 @@ def test_token_input_routes_the_decoder_of_an_encoder_decoder_config(tmp_path, c
     assert cli.main(["flops", "--hf-config", str(tmp_path), "--seq", "32", "--token-input", "decoder_input_ids"]) == 0
     out = capsys.readouterr().out
     assert "model.decoder.layers.1  yes" in out and "S_input_ids=32" in out  # the encoder's tokens, not routed
+
+
+def test_hf_config_layers_sets_every_stack_and_configs_without_token_inputs_are_refused(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.BartConfig(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                            dropout=0.0).save_pretrained(tmp_path / "bart")
+    assert cli.main(["inspect", "--hf-config", str(tmp_path / "bart"), "--layers", "2", "--seq", "16",
+                     "--token-input", "decoder_input_ids"]) == 0
+    assert "modfx plan: 1/2 blocks routed" in capsys.readouterr().out  # the decoder has 2 layers, not 3
+    transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path / "vit")
+    with pytest.raises(SystemExit, match=r"a vit config has no vocab_size; the modfx command builds token-id inputs"):
+        cli.main(["flops", "--hf-config", str(tmp_path / "vit")])

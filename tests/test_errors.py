@@ -265,3 +265,25 @@ def test_a_configuration_that_routes_no_block_is_refused():
     with pytest.raises(modfx.ModfxError, match=r"routes none of the 1 blocks found \(layers\.0\): every=2 .* use every=1"):
         modfx.transform(Stack([Residual()]), (torch.randn(2, 16, 32),))
     assert len(modfx.plan(modfx.transform(Stack([Residual()]), (torch.randn(2, 16, 32),), every=1)).routed) == 1
+
+
+class TokensAndImage(nn.Module):
+    """Token ids [B, S] and an image [B, 3, H, W] whose channel count happens to equal S."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.img = nn.Embedding(V, 32), nn.Conv2d(3, 32, 4, 4)
+        self.layers = nn.ModuleList([Residual(), Residual()])
+
+    def forward(self, ids, pixels):
+        x = self.emb(ids) + self.img(pixels).flatten(2).mean(-1)[:, None]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_short_example_is_lengthened_along_token_axes_only():
+    model = TokensAndImage()
+    mod = modfx.transform(model, (ids(2, 3), torch.randn(2, 3, 8, 8)))  # k = 1 at S = 3: lengthened for the capture
+    out = mod(ids(2, 3), torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 3, 32)

@@ -48,7 +48,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         raise ModfxError(
             f"the configuration routes none of the {len(blocks)} blocks found ({', '.join(b.name for b in blocks)}): "
             f"every={config.every} routes blocks 1, {1 + config.every}, ... (counting from 0); "
-            "use every=1 or name the blocks to route with blocks=(...)"
+            "use every=1 (CLI: --every 1) or name the blocks to route with blocks=(...)"
         )
     real = padding_input(graph, config.padding_mask) if config.padding_mask else None  # [B, S], 0 = padding
     stats = []
