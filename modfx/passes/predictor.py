@@ -24,13 +24,16 @@ In the predictor graph (sampling / causal evaluation), instead of top-k:
     yall  = block(x) with every attention's keys limited to selected tokens (and the query itself)
     y'    = where(sel, x + w(r) * f, x)                        # exact: every selected token processed
 
+where an attention is sdpa(q, k, v, mask) (mask &= keep) or softmax(scores [B, H, S, S]) written out
+(scores = where(keep, scores, min)); cross-attention to another sequence keeps all its keys.
+
 Contract: requires a routed block and its router node; the predictor MLP is registered at
 `<block>.mod_predictor` (Linear(D, h) -> GELU -> Linear(h, 1)), shared by every graph variant.
 """
 
 from __future__ import annotations
 
-import sympy
+
 import torch
 from torch import nn
 from torch.fx import Graph, Node
@@ -229,12 +232,10 @@ def token_softmaxes(block: Block) -> list[Node]:
         shape = shape_exprs(n.args[0]) if n.target in _SOFTMAX else None
         if not shape or op_arg(n.target, n.args, n.kwargs, "dim", -1) not in (-1, len(shape) - 1):
             continue
-        if not sympy.sympify(shape[-1]).free_symbols & sympy.sympify(seq).free_symbols and shape[-1] != seq:
-            continue  # not over the tokens (e.g. a router's softmax over experts)
+        if shape[-1] != seq and not shape[-1].free_symbols & seq.free_symbols:
+            continue  # not over the block's tokens: a router's softmax over experts, cross-attention's keys
         if shape[-2:] == (seq, seq) and len(shape) == 4 and block.batch_axis == 0:
             out.append(n)
-        elif shape[-1] == seq and shape[-2] != seq and not sympy.sympify(shape[-2]).free_symbols & sympy.sympify(seq).free_symbols:
-            continue  # cross-attention queries from another sequence
         else:
             raise ModfxError(
                 f"block {block.name}: softmax {n.name} over scores {list(shape)} runs over its tokens in a layout "
