@@ -21,7 +21,7 @@ from .errors import ModfxError
 from .module import MoDModule, program
 from .passes import run_pipeline
 from .passes.discover import find_blocks
-from .passes.graph_utils import module_paths, op_arg, shape_exprs
+from .passes.graph_utils import input_over, module_paths, op_arg
 from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
 from .passes.predictor import _ATTENTION
 
@@ -55,15 +55,6 @@ def _positions_arg(model) -> str:
     )
 
 
-def _routed_input(cap) -> str | None:
-    """The name of the input whose token axis the routed blocks run over (None when not one input's)."""
-    for ph in next(iter(cap.graphs.values())).find_nodes(op="placeholder"):
-        shape = shape_exprs(ph)
-        if shape and len(shape) >= 2 and cap.seq_expr in shape[:2]:
-            return ph.name
-    return None
-
-
 def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     """Build (once) the prefill and decode programs of a transformed module; dense=True builds them
     with no block routed (the dense baseline, with the same KV caches)."""
@@ -75,7 +66,8 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
         raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
     twin = cap.twin
     first = next(iter(inspect.signature(twin.forward).parameters), None)
-    routed = _routed_input(cap)
+    routed = input_over(next(iter(cap.graphs.values())), cap.seq_expr)  # the input the routed tokens come from
+    routed = routed.name if routed is not None else None
     if routed is not None and routed != first:
         raise ModfxError(
             f"generate samples decoder-only models, whose routed blocks run over their first input ({first}); "
@@ -207,8 +199,12 @@ def _real_tokens_first(input_ids: torch.Tensor, attention_mask) -> tuple[torch.T
     if bool((n == 0).any()):
         raise ModfxError(f"attention_mask marks no real token in rows {(n == 0).nonzero()[:, 0].tolist()}: every "
                          "prompt needs at least one")
-    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
-    return input_ids.gather(1, order), n
+    return input_ids.gather(1, _firsts(real)), n
+
+
+def _firsts(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions where `mask` [B, P] holds first, in order, then the others: [B, P]."""
+    return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
 
 
 @torch.no_grad()
@@ -249,7 +245,7 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, at
     for j, blk in enumerate(dec.sig.attention):
         k, v = kv[2 * j], kv[2 * j + 1]  # [B, H, P, hd]
         keep = sels[blk] & real if blk in sels else real  # padding never enters a cache
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # entered tokens first, in order
+        order = _firsts(keep)  # entered tokens first, in order
         K = k.new_zeros(*k.shape[:-2], L, k.shape[-1])
         V = v.new_zeros(*v.shape[:-2], L, v.shape[-1])
         index = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])

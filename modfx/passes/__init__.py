@@ -28,7 +28,8 @@ from .discover import Block, find_blocks
 from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .rescore import rescore_chosen
-from .route_topk import padding_input, route_topk
+from .graph_utils import input_named
+from .route_topk import route_topk
 from .router import insert_router
 
 
@@ -50,7 +51,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             f"every={config.every} routes blocks 1, {1 + config.every}, ... (counting from 0); "
             "use every=1 (CLI: --every 1) or name the blocks to route with blocks=(...)"
         )
-    real = padding_input(graph, config.padding_mask) if config.padding_mask else None  # [B, S], 0 = padding
+    real = input_named(graph, config.padding_mask, "padding_mask") if config.padding_mask else None  # [B, S], 0 = padding
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     outputs = {}

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_map
 
 from ..errors import ModfxError
-from .graph_utils import aten, expr, fake_mode_of, module_paths, op_arg, shape_exprs, token_axis_length
+from .graph_utils import aten, expr, fake_mode_of, input_over, module_paths, op_arg, shape_exprs, token_axis_length
 from .route_topk import chosen_count
 
 CAUSAL = sympy.Integer(1)  # factor on causal attention; Rational(1, 2) would halve it (torch does not)
@@ -253,14 +253,13 @@ class Names:
         table, S = {}, None
         seq = token_axis_length(graph) if seq is None else seq  # axis 1 of the inputs, or 0 sequence-first
         placeholders = graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else []
-        for ph in placeholders:
-            shape = shape_exprs(ph)
-            if shape and len(shape) >= 2 and seq in shape[:2]:
-                batch = shape[1] if shape[0] == seq else shape[0]
-                if batch.is_Symbol:
-                    table[batch] = sympy.Symbol("B", **pos)
-                table[seq] = S = sympy.Symbol("S", **pos)
-                break
+        tokens = input_over(graph, seq) if placeholders else None
+        if tokens is not None:
+            shape = shape_exprs(tokens)
+            batch = shape[1] if shape[0] == seq else shape[0]
+            if batch.is_Symbol:
+                table[batch] = sympy.Symbol("B", **pos)
+            table[seq] = S = sympy.Symbol("S", **pos)
         for ph in placeholders:  # another sequence (an encoder's, when the decoder is routed): S_<input>
             shape = shape_exprs(ph)
             if shape and len(shape) >= 2 and shape[1].is_Symbol and shape[1] not in table:

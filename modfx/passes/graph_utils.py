@@ -192,12 +192,26 @@ def _attended(graph: Graph) -> set:
     return attended
 
 
-def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
+def input_named(graph: Graph, name: str, option: str) -> Node:
+    """The captured model's input `name`, as the MoDConfig field `option` names it."""
     inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
     if name not in inputs:
-        raise ModfxError(f"token_input={name!r}: the captured model has no input of that name; its inputs are "
+        raise ModfxError(f"{option}={name!r}: the captured model has no input of that name; its inputs are "
                          f"{', '.join(inputs)}")
-    v = inputs[name].meta.get("val")
+    return inputs[name]
+
+
+def input_over(graph: Graph, seq) -> Node | None:
+    """The first input with `seq` (a token-axis length) among its first two axes, e.g. input_ids [B, S]."""
+    for ph in graph.find_nodes(op="placeholder"):
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and seq in (expr(v.shape[0]), expr(v.shape[1])):
+            return ph
+    return None
+
+
+def _named_token_axis(graph: Graph, name: str) -> sympy.Expr:
+    v = input_named(graph, name, "token_input").meta.get("val")
     if isinstance(v, torch.Tensor) and v.dim() >= 2:
         axis0, axis1, attended = expr(v.shape[0]), expr(v.shape[1]), _attended(graph)
         if axis0.is_Symbol and axis0 in attended and not axis1.free_symbols & attended:

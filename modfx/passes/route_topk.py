@@ -158,15 +158,6 @@ def chosen_count(n: Node):
     return n.args[at] if at is not None and len(n.args) > at else None
 
 
-def padding_input(graph: Graph, name: str) -> Node:
-    """The captured model's input `name` (MoDConfig.padding_mask)."""
-    inputs = {n.name: n for n in graph.find_nodes(op="placeholder")}
-    if name not in inputs:
-        raise ModfxError(f"padding_mask={name!r}: the captured model has no input of that name; its inputs are "
-                         f"{', '.join(inputs)}")
-    return inputs[name]
-
-
 def select_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, real: Node | None = None):
     """Nodes for S, k, the router logits [B, S] and the sorted top-k indices [B, k]; `real` ([B, S], 0 for
     padding) ranks padded tokens last."""
