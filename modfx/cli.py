@@ -84,8 +84,8 @@ def _hf_model(name: str, L: int, d: int, h: int, V: int, max_len: int) -> torch.
 def _hf_config_model(args) -> torch.nn.Module:
     """The architecture a local Hugging Face config describes (a config.json, or a directory holding one),
     random weights, as a causal LM (a seq2seq LM for an encoder-decoder) when transformers has one for it,
-    else its base model. --layers, when
-    given, replaces the config's layer count; --vocab becomes the config's vocabulary size."""
+    else its base model. --layers, when given, replaces every stack's layer count; --vocab becomes the
+    config's vocabulary size."""
     import transformers as T
 
     if not os.path.exists(args.hf_config):
@@ -124,8 +124,8 @@ def model_name(args) -> str:
     return f"{name} L={args.layers} d={args.d_model} heads={args.heads} vocab={args.vocab}"
 
 
-def example_ids(args) -> torch.Tensor:
-    g = torch.Generator().manual_seed(args.seed)
+def example_ids(args, seed_offset: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed + seed_offset)
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
 
 
@@ -133,9 +133,7 @@ def example_inputs(args, model) -> tuple[tuple, dict]:
     """(args, kwargs) of one call: token ids [B, S]; for an encoder-decoder model also decoder ids [B, S]."""
     ids = example_ids(args)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        g = torch.Generator().manual_seed(args.seed + 1)
-        dec = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
-        return (), {"input_ids": ids, "decoder_input_ids": dec}
+        return (), {"input_ids": ids, "decoder_input_ids": example_ids(args, seed_offset=1)}
     return (ids,), {}
 
 
