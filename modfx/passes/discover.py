@@ -16,6 +16,13 @@ group whose valid members cover the most nodes wins (ties: the shallowest), so w
 sublayers of one of them (T5's decoder: blocks 1 and 2 over the 3 sublayers of block 1). Nothing here
 knows model or class names.
 
+A layer written inline in its caller's loop (`for attn, ff in self.layers: x = x + attn(x); x = x + ff(x)`)
+is never called itself, so its residual adds carry only the caller's module path. `adopt_loop_bodies`
+attributes them to the layer (`layers.0`) first, so the layer is a block like any other:
+
+    before: a = sdpa(...)  [layers.0.0]    x1 = add(x, a)  []    m = linear(x1) [layers.0.1]    x2 = add(x1, m)  []
+    after:  the same nodes, with `layers.0` on the stacks of all four
+
 Contract: requires meta['val'] and nn_module_stack on call_function nodes (torch.export guarantees both);
 ensures each block's region is contiguous in graph order (independent interleaved nodes are moved ahead).
 """
@@ -89,6 +96,7 @@ class _OtherSequence(_Invalid):
 def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
     """All blocks on the residual stream, in order. `seq_expr` is the symbolic (or static) length of
     the model input's token axis; a hidden state's token axis is the axis whose size involves it."""
+    adopt_loop_bodies(graph)
     groups: dict[str, dict[int, str]] = defaultdict(dict)
     for n in graph.nodes:
         if n.op != "call_function":
@@ -124,7 +132,11 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
         raise ModfxError(
             "no transformer blocks found. modfx looks for repeated sibling modules (e.g. `layers.0`, "
             "`layers.1`, ... in an nn.ModuleList) whose nodes map a hidden state [B, S, D] to a hidden "
-            "state of the same shape with a residual add of their input. Candidates rejected:" + detail
+            "state of the same shape with a residual add of their input. A layer written inline in a loop "
+            "counts when its modules sit under one indexed path (`for attn, ff in self.layers`, "
+            "`self.layers[i]['attn']`); modules kept in parallel lists (`self.attn[i]`, `self.ff[i]`) are not "
+            "grouped into layers: put each layer's modules in one element of a ModuleList. Candidates "
+            "rejected:" + detail
         )
     found.sort(key=lambda t: t[:3])
     prefix, blocks, skipped = found[0][2:]
@@ -156,6 +168,47 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
     for i, b in enumerate(blocks):
         b.index = i
     return blocks
+
+
+def adopt_loop_bodies(graph: Graph) -> None:
+    """Rule: an indexed module path that is never called itself but whose descendants are (`layers.0` of a
+    `ModuleList` of `ModuleList`s, or of `ModuleDict`s, iterated by the caller) is a layer written inline.
+    Its region is its descendants' nodes, plus the caller's nodes between the first and the last of them
+    that read them, plus the residual chain right after them: adds and identity ops of the caller that read
+    the region and otherwise only values from before it. These nodes get the layer's path on their
+    nn_module_stack, so discovery, the FLOP pass and new nodes treat the layer as a module."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    called = {p for n in calls for p in module_paths(n)}
+    bodies: dict[str, list[Node]] = defaultdict(list)
+    for n in calls:
+        for v in dict.fromkeys(a for p in module_paths(n) for a in _indexed_ancestors(p) if a not in called):
+            bodies[v].append(n)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for v, under in bodies.items():
+        region = set(under)
+        lo, hi = order[under[0]], order[under[-1]]
+        for n in list(graph.nodes)[lo:]:
+            in_caller = n.op == "call_function" and all(p == "" or v.startswith(p + ".") for p in module_paths(n))
+            if order[n] > hi and n.op == "call_function" and not in_caller:
+                break  # the next module call ends the residual chain
+            if n in region or not in_caller or not any(a in region for a in n.all_input_nodes):
+                continue
+            chain = n.target in _ADDS | _IDENTITY_OPS and all(a in region or order[a] < lo for a in n.all_input_nodes)
+            if order[n] < hi or chain:
+                region.add(n)
+        for n in region:
+            stack = n.meta.get("nn_module_stack") or {}
+            outer = {k: e for k, e in stack.items() if not _within(e[0], v)}
+            inner = {k: e for k, e in stack.items() if _within(e[0], v)}
+            n.meta["nn_module_stack"] = {**outer, f"modfx_loop_body:{v}": (v, "modfx.loop_body"), **inner}
+
+
+def _indexed_ancestors(path: str):
+    """The proper ancestors of `path` that end in an index: `layers.0` of `layers.0.attn`."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if parts[i - 1].isdigit():
+            yield ".".join(parts[:i])
 
 
 def _within(path: str, outer: str) -> bool:

@@ -1,0 +1,216 @@
+"""Layers written inline in the caller's loop (the vit-pytorch / x-transformers layout):
+
+    self.layers = nn.ModuleList([nn.ModuleList([PreNorm(attn), PreNorm(ff)]) for _ in range(n)])
+    for attn, ff in self.layers:
+        x = attn(x) + x
+        x = ff(x) + x
+
+`layers.0` is never called, so its residual adds carry only the caller's module path; discovery attributes
+them to the layer (passes/discover.py, `adopt_loop_bodies`)."""
+
+import math
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modfx
+from modfx.flops import flops, torch_count
+
+D, H, V, L = 64, 4, 128, 4
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D))
+
+
+class PreNorm(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(D), fn
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+def feed_forward():
+    return nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+
+class LoopOfPairs(nn.Module):
+    """`for attn, ff in self.layers`: pre-norm, residual adds in the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([nn.ModuleList([PreNorm(Attention()), PreNorm(feed_forward())]) for _ in range(L)])
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, V)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(self.norm(x))
+
+
+class ParallelDicts(nn.Module):
+    """`self.layers[i]["attn"]`: one norm feeding attention and MLP in parallel, GPT-J style."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(
+            [nn.ModuleDict(dict(norm=nn.LayerNorm(D), attn=Attention(), mlp=feed_forward())) for _ in range(L)])
+        self.head = nn.Linear(D, V)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            h = layer["norm"](x)
+            x = x + layer["attn"](h) + layer["mlp"](h)
+        return self.head(x)
+
+
+class PostNormDicts(nn.Module):
+    """Post-norm with `nn.MultiheadAttention` and a float causal mask, written inline."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([nn.ModuleDict(dict(
+            attn=nn.MultiheadAttention(D, H, batch_first=True), norm1=nn.LayerNorm(D), ff=feed_forward(),
+            norm2=nn.LayerNorm(D))) for _ in range(L)])
+        self.head = nn.Linear(D, V)
+
+    def forward(self, ids):
+        x, S = self.emb(ids), ids.shape[1]
+        mask = torch.triu(torch.full((S, S), float("-inf")), 1)
+        for layer in self.layers:
+            x = layer["norm1"](x + layer["attn"](x, x, x, attn_mask=mask, need_weights=False)[0])
+            x = layer["norm2"](x + layer["ff"](x))
+        return self.head(x)
+
+
+class ParallelLists(nn.Module):
+    """Each layer's modules in parallel lists (`self.attn[i]`, `self.ff[i]`): no one path holds a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.attn = nn.ModuleList([PreNorm(Attention()) for _ in range(L)])
+        self.ff = nn.ModuleList([PreNorm(feed_forward()) for _ in range(L)])
+        self.head = nn.Linear(D, V)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for attn, ff in zip(self.attn, self.ff):
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(x)
+
+
+MODELS = {"loop of pairs": LoopOfPairs, "parallel dicts": ParallelDicts, "post-norm dicts": PostNormDicts}
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(1))
+
+
+def test_layers_written_inline_are_the_blocks(model, ids):
+    p = modfx.plan(modfx.transform(model, (ids,)))
+    assert [b.name for b in p.blocks] == [f"layers.{i}" for i in range(L)]
+    assert [b.name for b in p.routed] == ["layers.1", "layers.3"]
+
+
+def test_inline_layers_at_capacity_one_without_weighting_reproduce_the_model(model, ids):
+    mod = modfx.transform(model, (ids,), capacity=1.0, weighting="none", predictor=False)
+    torch.testing.assert_close(mod(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_the_users_model_keeps_its_module_stacks_and_forward(model, ids):
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    want = model(ids)
+    modfx.transform(model, (ids,))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
+
+
+def test_routed_inline_layers_equal_a_hand_written_eager_reference(ids):
+    torch.manual_seed(0)
+    model = LoopOfPairs().eval()
+    mod = modfx.transform(model, (ids,), capacity=0.125)
+    routers = {i: mod.get_submodule(f"layers.{i}.mod_router").weight for i in (1, 3)}
+    with torch.no_grad():
+        x = model.emb(ids)
+        B, S, _ = x.shape
+        for i, (attn, ff) in enumerate(model.layers):
+            if i not in routers:
+                h = attn(x) + x
+                x = ff(h) + h
+                continue
+            r = x @ routers[i].T  # [B, S, 1]
+            k = math.ceil(0.125 * S)
+            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+            xg = x.gather(1, idx[..., None].expand(B, k, D))  # [B, k, D]
+            h = attn(xg) + xg
+            f = ff(h) + h - xg
+            x = x.scatter(1, idx[..., None].expand(B, k, D), xg + r.gather(1, idx[..., None]) * f)
+        want = model.head(model.norm(x))
+        torch.testing.assert_close(mod(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_inline_layers_compile_as_one_graph_and_train(ids):
+    torch.manual_seed(0)
+    mod = modfx.transform(ParallelDicts(), (ids,)).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids), mod(ids), rtol=1e-5, atol=1e-5)
+    compiled(ids).float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in mod.named_parameters() if "mod_router" in n}
+    assert sorted(grads) == ["layers.1.mod_router.weight", "layers.3.mod_router.weight"]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_flops_of_routed_inline_layers_follow_k_and_agree_with_flop_counter_mode(ids):
+    torch.manual_seed(0)
+    mod = modfx.transform(LoopOfPairs(), (ids,), capacity=0.125, blocks=(1,))  # the op kinds' rows are its own
+    report = flops(mod, (ids,))
+    rows = {r.name: r for r in (*report.blocks, *report.kinds, report.overhead)}
+    routing = ("router", "sort", "topk", "gather", "scatter", "predictor")
+    body = rows["layers.1"].expr - sum(rows[x].expr for x in routing if x in rows)
+    B, k = sympy.symbols("B k", integer=True, positive=True)
+    assert sympy.expand(body).free_symbols == {B, k}  # the residual adds too run on the k tokens
+    data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+    assert report.total_at - data == sum(torch_count(mod, (ids,)).values())
+
+
+def test_predictor_routing_of_inline_layers_is_causal(ids):
+    torch.manual_seed(0)
+    mod = modfx.transform(LoopOfPairs(), (ids,)).eval()
+    modfx.set_routing(mod, "predictor")
+    later = ids.clone()
+    later[:, 40:] = (later[:, 40:] + 1) % V
+    with torch.no_grad():
+        torch.testing.assert_close(mod(later)[:, :40], mod(ids)[:, :40], rtol=0, atol=0)
+
+
+def test_layers_kept_in_parallel_lists_are_refused_with_advice(ids):
+    with pytest.raises(modfx.ModfxError, match="parallel lists .* one element of a ModuleList"):
+        modfx.transform(ParallelLists(), (ids,))
