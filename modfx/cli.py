@@ -4,10 +4,12 @@
     modfx inspect --hf gpt2 --layers 2 --d-model 64
     modfx flops   --model gpt --layers 4
     modfx bench   --hf-config path/to/config.json --layers 4
+    modfx bench   --factory my_models.py:make_model
 
 Every subcommand builds the same model from the same flags: a reference model (`--model`), a small
-Hugging Face model with random weights (`--hf`, no download) or any Hugging Face architecture from a
-local config file (`--hf-config`, random weights), then `modfx.transform`s it.
+Hugging Face model with random weights (`--hf`, no download), any Hugging Face architecture from a
+local config file (`--hf-config`, random weights) or the user's own model (`--factory`), then
+`modfx.transform`s it.
 `bench` compiles dense and MoD with Inductor (`torch.compile(m, fullgraph=True)`) and times all four.
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -44,7 +48,9 @@ def build_model(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     L, d, h, V = args.layers, args.d_model, args.heads, args.vocab
     max_len = max(2048, args.seq + 1)
-    if args.hf_config:
+    if args.factory:
+        model = _factory_model(args)
+    elif args.hf_config:
         model = _hf_config_model(args)
     elif args.hf:
         model = _hf_model(args.hf, L, d, h, V, max_len)
@@ -117,7 +123,44 @@ def _hf_config_model(args) -> torch.nn.Module:
         return T.AutoModel.from_config(cfg)
 
 
+def _factory_model(args) -> torch.nn.Module:
+    """`CALLABLE()` from `--factory MODULE:CALLABLE` (MODULE an importable module or a .py file): the user's
+    own model, taking token ids [B, S] as its first input. The ids are drawn below its first embedding's
+    size, which becomes --vocab; the flags that size the built-in models do not apply."""
+    spec, _, attr = args.factory.rpartition(":")
+    if not spec or not attr:
+        raise ModfxError(f"--factory {args.factory}: give MODULE:CALLABLE, e.g. my_models.py:make_model or "
+                         "mypkg.models:build")
+    try:
+        if spec.endswith(".py"):
+            if not os.path.isfile(spec):
+                raise ModfxError(f"--factory {args.factory}: no such file {spec}")
+            loader = importlib.util.spec_from_file_location(os.path.basename(spec)[:-3], spec)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except ImportError as e:
+        raise ModfxError(f"--factory {args.factory}: cannot import {spec} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ModfxError(f"--factory {args.factory}: {spec} has no callable {attr}")
+    model = fn()
+    if not isinstance(model, torch.nn.Module):
+        raise ModfxError(f"--factory {args.factory}: {attr}() returned a {type(model).__name__}, not an nn.Module")
+    emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if emb is None:
+        raise ModfxError(f"--factory {args.factory}: the model has no nn.Embedding; the modfx command feeds token "
+                         "ids [B, S] only (use modfx.transform with your own inputs)")
+    args.vocab = emb.num_embeddings
+    for flag in ("layers", "d_model", "heads"):  # not the model's: left out of --json
+        setattr(args, flag, None)
+    return model
+
+
 def model_name(args) -> str:
+    if args.factory:
+        return f"factory:{args.factory}"
     if args.hf_config:
         return f"hf-config:{args.hf_config}" + (f" L={args.layers}" if args.layers_given else "")
     name = f"hf:{args.hf}" if args.hf else args.model
@@ -473,6 +516,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", choices=HF_MODELS, help="small Hugging Face model, random weights (needs transformers)")
     src.add_argument("--hf-config", metavar="PATH", help="a local Hugging Face config.json (or its directory), random "
                      "weights, as configured: only --layers applies")
+    src.add_argument("--factory", metavar="MODULE:CALLABLE", help="your own model: CALLABLE() from MODULE (importable, "
+                     "or a .py file) returns it; it takes token ids [B, S] first, below its first embedding's size")
     g.add_argument("--layers", type=positive, default=None, help="blocks (default 8)")
     g.add_argument("--d-model", type=positive, default=256)
     g.add_argument("--heads", type=positive, default=8)
@@ -514,9 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.layers_given = args.layers is not None
     args.layers = args.layers or 8
-    if args.hf or args.hf_config:
+    if args.hf or args.hf_config or args.factory:
         args.model = None
-    if args.d_model % args.heads and not args.hf_config:
+    if args.factory and args.layers_given:
+        ap.error("--layers does not apply to --factory: the factory builds the model as it is")
+    if args.d_model % args.heads and not (args.hf_config or args.factory):
         ap.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     rope = args.hf in ("llama", "mistral", "qwen2", "gpt_neox") or args.model in ("llama", "moe")
     if rope and (args.d_model // args.heads) % 2:

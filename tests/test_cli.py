@@ -119,3 +119,54 @@ def test_hf_config_layers_sets_every_stack_and_configs_without_token_inputs_are_
     transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path / "vit")
     with pytest.raises(SystemExit, match=r"a vit config has no vocab_size; the modfx command builds token-id inputs"):
         cli.main(["flops", "--hf-config", str(tmp_path / "vit")])
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):  # the user's own model: layers written inline in the loop
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(96, 32)
+        self.layers = nn.ModuleList([nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32)]) for _ in range(4)])
+        self.head = nn.Linear(32, 96)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for a, b in self.layers:
+            x = x + b(torch.relu(a(x)))
+        return self.head(x)
+
+
+def make():
+    return Tiny()
+
+
+not_a_model = lambda: 3  # noqa: E731
+'''
+
+
+def test_factory_benchmarks_the_users_own_model_from_a_file(tmp_path, capsys):
+    (tmp_path / "mine.py").write_text(FACTORY)
+    # ids are drawn below the model's own 96 embeddings (the default --vocab 256 would index past them)
+    assert cli.main(["bench", "--factory", f"{tmp_path / 'mine.py'}:make", "--seq", "32", "--repeat", "1",
+                     "--warmup", "0", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "MoD compiled" in out and "factory:" in out
+    assert json.loads((tmp_path / "out.json").read_text())["config"]["vocab"] == 96
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mine.py", "give MODULE:CALLABLE"),
+    ("missing.py:make", "no such file"),
+    ("no_such_module_anywhere:make", "cannot import no_such_module_anywhere"),
+    ("mine.py:absent", "has no callable absent"),
+    ("mine.py:not_a_model", r"not_a_model\(\) returned a int, not an nn.Module"),
+])
+def test_factory_errors_end_in_a_one_line_error(tmp_path, monkeypatch, spec, message):
+    (tmp_path / "mine.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"modfx: error: --factory .*{message}"):
+        cli.main(["flops", "--factory", spec])

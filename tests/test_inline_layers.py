@@ -144,7 +144,7 @@ def test_inline_layers_at_capacity_one_without_weighting_reproduce_the_model(mod
     torch.testing.assert_close(mod(ids), model(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_the_users_model_keeps_its_module_stacks_and_forward(model, ids):
+def test_the_users_model_is_unchanged(model, ids):
     before = {n: p.clone() for n, p in model.state_dict().items()}
     want = model(ids)
     modfx.transform(model, (ids,))

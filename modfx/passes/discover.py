@@ -20,7 +20,8 @@ A layer written inline in its caller's loop (`for attn, ff in self.layers: x = x
 is never called itself, so its residual adds carry only the caller's module path. `adopt_loop_bodies`
 attributes them to the layer (`layers.0`) first, so the layer is a block like any other:
 
-    before: a = sdpa(...)  [layers.0.0]    x1 = add(x, a)  []    m = linear(x1) [layers.0.1]    x2 = add(x1, m)  []
+    before: a = sdpa(...)    [layers.0.0]      x1 = add(x, a)   []
+            m = linear(x1)   [layers.0.1]      x2 = add(x1, m)  []
     after:  the same nodes, with `layers.0` on the stacks of all four
 
 Contract: requires meta['val'] and nn_module_stack on call_function nodes (torch.export guarantees both);
