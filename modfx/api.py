@@ -89,12 +89,12 @@ def _build(mod: MoDModule, mode: str):
         with warnings.catch_warnings():  # deep-copying the pytree codegen warns on torch 2.13
             warnings.simplefilter("ignore", FutureWarning)
             g = copy.deepcopy(graph)
-        result = run_pipeline(g, mod, config, cap.seq_expr, mode)
+        result = run_pipeline(g, mod, config, cap.seq_exprs, mode)
         out = g.output_node()
         out.args = (tuple(out.args[0]) + tuple(result.stats),)
         if config.check_flops:
             names = [b.name for b in result.blocks]
-            check_budget(g, graph, names, [names[i] for i in result.routed], cap.seq_expr)
+            check_budget(g, graph, names, [names[i] for i in result.routed], cap.seq_exprs)
         mod.adopt_attrs(cap.modules[training], g)
         built[id(graph)] = mod._programs[(mode, training)], mod.modfx_graphs[(mode, training)] = program(mod, g), g
     return result
@@ -223,24 +223,23 @@ def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspec
     """Repeat the example along its token axis until k >= 2: with k = 1 at capture, shape propagation
     specialises the routed block's token count to the constant 1, and the symbolic sizes no longer match."""
     leaves = pytree.tree_leaves((args, kwargs))
-    seqs = [t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
-    if config.token_input is not None:  # the routed blocks' tokens are that input's, by position or keyword
+    seqs = [t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()][:1]
+    if config.token_input is not None:  # the routed blocks' tokens are those inputs', by position or keyword
         try:
-            named = signature.bind_partial(*args, **kwargs).arguments.get(config.token_input)
+            bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
-            named = None
-        if isinstance(named, torch.Tensor) and has_token_axis(named):
-            seqs = [named.shape[1]]
-    if not seqs or config.k(seqs[0]) >= 2:
-        return args, kwargs
-    S = seqs[0]
-    if S == 0:
+            bound = {}
+        named = [bound.get(name) for name in config.token_inputs]
+        seqs = [t.shape[1] for t in named if isinstance(t, torch.Tensor) and has_token_axis(t)] or seqs
+    if 0 in seqs:
         raise ModfxError("the example inputs have an empty token axis (length 0): give at least one token")
-    reps = next(m for m in range(2, 1 << 16) if config.k(S * m) >= 2)
+    reps = {S: next(m for m in range(2, 1 << 16) if config.k(S * m) >= 2) for S in seqs if config.k(S) < 2}
+    if not reps:
+        return args, kwargs
 
     def lengthen(t):
-        if isinstance(t, torch.Tensor) and has_token_axis(t) and t.shape[1] == S:
-            return torch.cat([t] * reps, dim=1)
+        if isinstance(t, torch.Tensor) and has_token_axis(t) and t.shape[1] in reps:
+            return torch.cat([t] * reps[t.shape[1]], dim=1)
         return t
 
     return pytree.tree_map(lengthen, (args, kwargs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import warnings
 
 import sympy
@@ -28,6 +29,10 @@ class Capture:
     example_inputs: tuple[tuple, dict]
     twin: nn.Module  # the private copy that was exported; shares its parameters with the graphs
     specialised: frozenset = frozenset()  # (input, axis): dynamic in the export spec, a number in the graph
+    seq_exprs: tuple = ()  # one per routed stack (MoDConfig.token_input a tuple); seq_expr is the first
+
+    def __post_init__(self):
+        self.seq_exprs = self.seq_exprs or (self.seq_expr,)
 
 
 def specialised_axes(graph: Graph) -> frozenset:
@@ -91,6 +96,47 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
         ) from e
 
 
+def copy_of(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, with the functions its modules keep as attributes re-pointed at the copy.
+    deepcopy shares a function object, so a closure over a submodule (minGPT's `self.mlpf = lambda x:
+    m.c_proj(m.act(m.c_fc(x)))`) or a bound method of one would still run the original's weights."""
+    memo: dict = {}
+    twin = copy.deepcopy(model, memo)
+    for m in twin.modules():
+        for name, value in list(vars(m).items()):
+            moved = _rebound(value, memo)
+            if moved is not value:
+                setattr(m, name, moved)
+    return twin
+
+
+def _rebound(fn, memo: dict):
+    """`fn` calling the copies (by deepcopy's `memo`) of the objects its closure cells or `__self__` hold."""
+    if isinstance(fn, types.MethodType) and id(fn.__self__) in memo:
+        return types.MethodType(fn.__func__, memo[id(fn.__self__)])
+    if isinstance(fn, types.FunctionType) and fn.__closure__ and any(id(c.cell_contents) in memo for c in fn.__closure__):
+        cells = tuple(types.CellType(memo.get(id(c.cell_contents), c.cell_contents)) for c in fn.__closure__)
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+        new.__kwdefaults__, new.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+        return new
+    return fn
+
+
+def _check_owns_its_weights(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
+    """The exported copy must compute with its own parameters: a tensor of the user's model that export
+    lifted as a constant would be shared with the model, and frozen."""
+    theirs = {t.data_ptr(): name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.numel()}
+    shared = [theirs[t.data_ptr()] for t in ep.constants.values() if isinstance(t, torch.Tensor) and t.numel()
+              and t.data_ptr() in theirs]
+    if shared:
+        raise ModfxError(
+            f"the model reaches {', '.join(shared[:4])}{' ...' if len(shared) > 4 else ''} through something modfx "
+            "cannot copy (e.g. a function stored outside a module attribute, or a global reference to the model), "
+            "so the transformed model would compute with your model's tensors as constants: shared with it and "
+            "never trained. Call the submodules from a method (or a lambda stored as a module attribute) instead."
+        )
+
+
 def _warn_about_hooks(model: nn.Module) -> None:
     kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
     hooked = [name or type(model).__name__ for name, m in model.named_modules() if any(getattr(m, k, None) for k in kinds)]
@@ -119,14 +165,17 @@ def _drop_dtype_asserts(graph: Graph) -> None:
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = True,
-            token_input: str | None = None) -> Capture:
+            token_input: str | tuple[str, ...] | None = None) -> Capture:
     """Export a deep copy of `model` (the user's model is never touched); copy_model=False exports
     `model` itself (a twin made by an earlier capture, after `.to()`). `token_input` names the input
-    whose token axis the routed blocks run over (default: the first input's)."""
+    whose token axis the routed blocks run over (default: the first input's), or a tuple of names, one per
+    routed stack."""
     if copy_model:
         _warn_about_hooks(model)
-    twin = copy.deepcopy(model) if copy_model else model
+    twin = copy_of(model) if copy_model else model
     ep = _export(twin, args, kwargs)
+    if copy_model:
+        _check_owns_its_weights(ep, model)
     first = twin.training
     modules = {first: ep.module()}
     if _mode_dependent(modules[first].graph):
@@ -138,13 +187,19 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
     for graph in dict.fromkeys(graphs.values()):
         _drop_dtype_asserts(graph)
 
+    names = token_input if isinstance(token_input, tuple) else (token_input,)
+    seqs = tuple(token_axis_length(modules[first].graph, name) for name in names)
+    if len(set(seqs)) != len(seqs):
+        raise ModfxError(f"token_input={token_input!r}: these inputs share one token axis ({seqs[0]}): export "
+                         "found their lengths equal in the model, so they are one sequence; name one of them")
     return Capture(
         graphs,
         modules,
         modules[first]._in_spec,
         modules[first]._out_spec,
-        token_axis_length(modules[first].graph, token_input),
+        seqs[0],
         (args, kwargs),
         twin,
         specialised_axes(modules[first].graph),
+        seqs,
     )

@@ -188,8 +188,13 @@ def build(args):
     log(f"transforming (capacity {args.capacity}, every {args.every}) at B={args.batch} S={args.seq}")
     t = time.perf_counter()
     mod = modfx.transform(model, inputs[0], example_kwargs=inputs[1], capacity=args.capacity, every=args.every,
-                          predictor=not args.no_predictor, token_input=args.token_input).eval()
+                          predictor=not args.no_predictor, token_input=token_inputs(args.token_input)).eval()
     return model, mod, inputs, time.perf_counter() - t
+
+
+def token_inputs(flag: str | None) -> str | tuple[str, ...] | None:
+    """--token-input NAME, or NAME,NAME,... for one routed stack per input."""
+    return tuple(flag.split(",")) if flag and "," in flag else flag
 
 
 # --- timing and memory -------------------------------------------------------------------------------
@@ -532,7 +537,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--every", type=int, default=2)
     t.add_argument("--no-predictor", action="store_true", help="transform without the causal predictor branch")
     t.add_argument("--token-input", metavar="NAME", help="route the blocks over this input's tokens, e.g. "
-                   "decoder_input_ids for the decoder of an encoder-decoder model (--hf-config)")
+                   "decoder_input_ids for the decoder of an encoder-decoder model (--hf-config); NAME,NAME routes "
+                   "one stack per input, e.g. input_ids,decoder_input_ids both stacks")
 
     ap = argparse.ArgumentParser(prog="modfx", description="Mixture-of-Depths as a compiler transformation")
     sub = ap.add_subparsers(dest="command", required=True)

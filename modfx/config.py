@@ -42,7 +42,9 @@ class MoDConfig:
         than k real tokens, and predictor routing never selects them. None: every token competes.
     token_input: name of the model input whose token axis the routed blocks run over. None: the first
         input's axis 1 (e.g. input_ids), or axis 0 of a sequence-first model. In an encoder-decoder model
-        this picks the stack: "decoder_input_ids" routes the decoder (the encoder then runs dense).
+        this picks the stack: "decoder_input_ids" routes the decoder (the encoder then runs dense). A tuple
+        of names routes one stack per name, e.g. ("input_ids", "decoder_input_ids") both stacks, each at
+        its own k; `every` and `blocks` then count the blocks of all stacks together, in graph order.
     check_flops: run the FLOP budget check after the rewrite.
     """
 
@@ -55,7 +57,7 @@ class MoDConfig:
     aux_loss_weight: float = 0.01
     router_aux_weight: float = 0.0
     padding_mask: str | None = None
-    token_input: str | None = None
+    token_input: str | tuple[str, ...] | None = None
     check_flops: bool = True
 
     def __post_init__(self):
@@ -85,14 +87,25 @@ class MoDConfig:
             raise ModfxError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}")
         if self.padding_mask is not None and not isinstance(self.padding_mask, str):
             raise ModfxError(f"padding_mask must be the name of a model input (a str) or None, got {self.padding_mask!r}")
-        if self.token_input is not None and not isinstance(self.token_input, str):
-            raise ModfxError(f"token_input must be the name of a model input (a str) or None, got {self.token_input!r}")
+        if isinstance(self.token_input, (tuple, list)):
+            names = tuple(self.token_input)
+            if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+                raise ModfxError(f"token_input must name distinct model inputs, got {self.token_input!r}")
+            object.__setattr__(self, "token_input", names[0] if len(names) == 1 else names)
+        elif self.token_input is not None and not isinstance(self.token_input, str):
+            raise ModfxError(f"token_input must be the name of a model input (a str), a tuple of names, or None, "
+                             f"got {self.token_input!r}")
         if not float(self.router_aux_weight) >= 0.0:
             raise ModfxError(f"router_aux_weight must be >= 0, got {self.router_aux_weight!r}")
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling (modfx.load): fields added since the save take their defaults."""
         self.__dict__.update({f.name: f.default for f in dataclasses.fields(self)}, **state)
+
+    @property
+    def token_inputs(self) -> tuple[str | None, ...]:
+        """The inputs whose stacks are routed, one per stack: (None,) for the default."""
+        return self.token_input if isinstance(self.token_input, tuple) else (self.token_input,)
 
     @property
     def capacity_fraction(self) -> Fraction:

@@ -112,14 +112,14 @@ def flops(module: nn.Module, example_inputs=None, *, example_kwargs=None) -> Flo
 
 
 def _graph_of(module, example_inputs, example_kwargs):
-    """(graph, input spec, [(block, routed)], description, token-axis length) of a transformed or a dense
+    """(graph, input spec, [(block, routed)], description, token-axis length(s)) of a transformed or a dense
     module."""
     graphs = getattr(module, "modfx_graphs", None)
     if graphs:
         graph = graphs[(module._routing, module.training)]
         blocks = [(b.name, b.routed) for b in module.modfx_plan.blocks]
         n = sum(r for _, r in blocks)
-        return graph, module._in_spec, blocks, f"MoD, {n}/{len(blocks)} blocks routed", module.modfx_capture.seq_expr
+        return graph, module._in_spec, blocks, f"MoD, {n}/{len(blocks)} blocks routed", module.modfx_capture.seq_exprs
     if not isinstance(module, nn.Module):
         raise ModfxError(f"modfx.flops expects an nn.Module, got {type(module).__name__}")
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)

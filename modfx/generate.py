@@ -64,6 +64,9 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     cap, config = mod.modfx_capture, mod.modfx_config
     if not config.predictor and not dense:
         raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
+    if len(cap.seq_exprs) > 1:
+        raise ModfxError(f"generate samples decoder-only models; this module routes {len(cap.seq_exprs)} stacks "
+                         f"(token_input={config.token_input!r}), which generate does not drive")
     twin = cap.twin
     first = next(iter(inspect.signature(twin.forward).parameters), None)
     routed = input_over(next(iter(cap.graphs.values())), cap.seq_expr)  # the input the routed tokens come from

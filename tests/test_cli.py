@@ -106,6 +106,9 @@ def test_token_input_routes_the_decoder_of_an_encoder_decoder_config(tmp_path, c
     assert cli.main(["flops", "--hf-config", str(tmp_path), "--seq", "32", "--token-input", "decoder_input_ids"]) == 0
     out = capsys.readouterr().out
     assert "model.decoder.layers.1  yes" in out and "S_input_ids=32" in out  # the encoder's tokens, not routed
+    assert cli.main(["flops", "--hf-config", str(tmp_path), "--seq", "32", "--token-input", "input_ids,decoder_input_ids"]) == 0
+    out = capsys.readouterr().out
+    assert "model.encoder.layers.1  yes" in out and "model.decoder.layers.1  yes" in out and "k_input_ids=4" in out
 
 
 def test_hf_config_layers_sets_every_stack_and_configs_without_token_inputs_are_refused(tmp_path, capsys):

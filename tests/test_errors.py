@@ -32,6 +32,9 @@ def ids(b=2, s=16):
         ({"weighting": "softmax"}, "unknown weighting"),
         ({"router_aux_weight": -1.0}, "router_aux_weight must be >= 0"),
         ({"padding_mask": 3}, "padding_mask must be the name of a model input"),
+        ({"token_input": 3}, "token_input must be the name of a model input"),
+        ({"token_input": ("idx", "idx")}, "token_input must name distinct model inputs"),
+        ({"token_input": ()}, "token_input must name distinct model inputs"),
         ({"capacty": 0.5}, "unknown MoDConfig field"),
     ],
 )

@@ -192,3 +192,30 @@ def test_budget_check_catches_extra_work_outside_the_blocks(llama_case):
     with pytest.raises(modfx.ModfxError, match=r"outside blocks") as e:
         check_budget(g, _dense_copy(llama_case), [b.name for b in plan.blocks], [b.name for b in plan.routed])
     assert dup.name in str(e.value)
+
+
+class DecoderOverMemory(nn.Module):
+    """nn.TransformerDecoderLayer blocks whose cross-attention memory is a model input of its own: its batch
+    axis gets a symbol of its own, and the keys' head size becomes an expression of both batch symbols."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([nn.TransformerDecoderLayer(D, H, 2 * D, dropout=0.0, batch_first=True)
+                                     for _ in range(N)])
+
+    def forward(self, tgt, memory):
+        x = self.emb(tgt)
+        for layer in self.layers:
+            x = layer(x, memory)
+        return x
+
+
+def test_attention_over_a_memory_input_with_its_own_batch_symbol_agrees_with_flop_counter_mode():
+    torch.manual_seed(0)
+    model, inputs = DecoderOverMemory().eval(), (torch.randint(0, V, (2, 32)), torch.randn(2, 20, D))
+    mod = modfx.transform(model, inputs, every=1)  # the budget check counts its attention too
+    for m in (model, mod):
+        report = flops(m, inputs)
+        data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+        assert report.total_at - data == sum(torch_count(m, inputs).values())

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 import modfx
 from modfx.flops import torch_count
+from modfx.passes.flops import ROUTING, Names
 from reference import widest_middle_gap
 
 transformers = pytest.importorskip("transformers")
@@ -570,17 +571,75 @@ def test_a_short_decoder_given_by_position_is_lengthened_for_the_capture():
     assert mod(enc, None, torch.randint(0, V, (B, 9))).logits.shape == (B, 9, V)
 
 
+@pytest.mark.parametrize("token_input", ["tgt", ("src", "tgt")], ids=["decoder", "both stacks"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["sequence-first", "batch-first"])
-def test_token_input_routes_the_decoder_of_nn_transformer(batch_first):
+def test_token_input_routes_the_decoder_of_nn_transformer(batch_first, token_input):
     torch.manual_seed(0)
     model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
                            dropout=0.0, batch_first=batch_first).eval()
     src, tgt = torch.randn(15, B, 32), torch.randn(S, B, 32)
     if batch_first:
         src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
-    mod = modfx.transform(model, (src, tgt), capacity=1.0, weighting="none", every=1, predictor=False, token_input="tgt")
-    assert [b.name for b in modfx.plan(mod).routed] == ["decoder.layers.0", "decoder.layers.1"]
+    mod = modfx.transform(model, (src, tgt), capacity=1.0, weighting="none", every=1, predictor=False,
+                          token_input=token_input)
+    encoder = ["encoder.layers.0", "encoder.layers.1"] if token_input != "tgt" else []
+    assert [b.name for b in modfx.plan(mod).routed] == encoder + ["decoder.layers.0", "decoder.layers.1"]
     torch.testing.assert_close(mod(src, tgt), model(src, tgt), rtol=1e-5, atol=2e-5)
+
+
+BOTH = ("input_ids", "decoder_input_ids")
+
+
+def test_a_tuple_of_token_inputs_routes_both_stacks_each_at_its_own_k():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the decoder is not routed" warning
+        mod = modfx.transform(model, example_kwargs=inputs, token_input=BOTH, capacity=0.25)
+    p = modfx.plan(mod)
+    assert [b.name for b in p.routed] == ["model.encoder.layers.1", "model.decoder.layers.1"]  # every=2 over all 4
+    with torch.no_grad():
+        want = reference(model, inputs, mod, [b.name for b in p.routed], 0.25)
+        torch.testing.assert_close(mod(**inputs).logits, want.logits, rtol=1e-5, atol=2e-5)
+    report = modfx.flops(mod)
+    assert report.at == {"B": B, "S_input_ids": S + 3, "S_decoder_input_ids": S, "k_input_ids": 4, "k_decoder_input_ids": 3}
+    names = Names.of(mod.modfx_graphs[("topk", False)], [b.name for b in p.blocks], mod.modfx_capture.seq_exprs)
+    for block, (seq, k) in {"model.encoder.layers.1": ("S_input_ids", "k_input_ids"),
+                            "model.decoder.layers.1": ("S_decoder_input_ids", "k_decoder_input_ids")}.items():
+        body = names.pretty(sum(c.fwd for c in report.costs if c.block == block and c.kind not in ROUTING))
+        assert k in {str(x) for x in body.free_symbols} and seq not in {str(x) for x in body.free_symbols}
+    counted = torch_count(mod, (), example_kwargs=inputs, backward=True)
+    data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+    assert report.train_at - data == sum(counted.values())
+
+
+def test_both_stacks_routed_at_capacity_one_without_weighting_reproduce_the_model():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = modfx.transform(model, example_kwargs=inputs, token_input=BOTH, capacity=1.0, weighting="none", every=1,
+                          predictor=False)
+    assert len(modfx.plan(mod).routed) == 4
+    torch.testing.assert_close(mod(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_a_padding_mask_with_both_stacks_routed_applies_to_the_stack_over_its_tokens():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, 4:] = 0  # 4 real encoder tokens of 15; k = 4
+    inputs = dict(inputs, attention_mask=mask)
+    mod = modfx.transform(model, example_kwargs=inputs, token_input=BOTH, capacity=0.25, padding_mask="attention_mask")
+    encoder_chosen, decoder_chosen = chosen_tokens(mod, inputs)
+    assert encoder_chosen[0].tolist() == [0, 1, 2, 3]  # padded encoder tokens never take a slot
+    assert decoder_chosen.shape == (B, 3)  # the decoder's 12 tokens, not masked by the encoder's mask
+
+
+def test_generate_refuses_a_module_with_two_routed_stacks():
+    case = CASES["bart-decoder"]
+    model, inputs = case.build().eval(), seq2seq()
+    mod = modfx.transform(model, example_kwargs=inputs, token_input=BOTH)
+    with pytest.raises(modfx.ModfxError, match="routes 2 stacks"):
+        modfx.generate(mod, inputs["input_ids"], 2)
 
 
 def test_a_batch_broadcast_side_input_the_block_repeats_by_its_literal_size_is_explained():

@@ -214,3 +214,56 @@ def test_predictor_routing_of_inline_layers_is_causal(ids):
 def test_layers_kept_in_parallel_lists_are_refused_with_advice(ids):
     with pytest.raises(modfx.ModfxError, match="parallel lists .* one element of a ModuleList"):
         modfx.transform(ParallelLists(), (ids,))
+
+
+class LambdaMLPBlock(nn.Module):
+    """minGPT's idiom: the MLP called through a lambda over its ModuleDict, kept as a module attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(D, 2 * D), c_proj=nn.Linear(2 * D, D), act=nn.GELU()))
+        m = self.mlp
+        self.mlpf = lambda x: m.c_proj(m.act(m.c_fc(x)))
+
+    def forward(self, x):
+        return x + self.mlpf(self.ln(x))
+
+
+class LambdaMLPs(nn.Module):
+    def __init__(self, block=LambdaMLPBlock):
+        super().__init__()
+        self.emb, self.h = nn.Embedding(V, D), nn.ModuleList([block() for _ in range(L)])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.h:
+            x = b(x)
+        return x
+
+
+def test_submodules_called_through_a_lambda_attribute_run_the_copys_weights(ids):
+    torch.manual_seed(0)
+    model = LambdaMLPs()
+    mod = modfx.transform(model, (ids,), capacity=1.0, weighting="none", predictor=False)
+    mod(ids).pow(2).mean().backward()
+    assert mod.get_submodule("h.0.mlp.c_fc").weight.grad is not None and model.h[0].mlp.c_fc.weight.grad is None
+    with torch.no_grad():
+        before = mod(ids)
+        model.h[0].mlp.c_fc.weight.zero_()  # the user's model, after the transform
+        torch.testing.assert_close(mod(ids), before, rtol=0, atol=0)
+
+
+class ListedLambdaBlock(LambdaMLPBlock):
+    def __init__(self):
+        super().__init__()
+        m = self.mlp
+        self.mlpf = [lambda x: m.c_proj(m.act(m.c_fc(x)))]  # out of reach: inside a list
+
+    def forward(self, x):
+        return x + self.mlpf[0](self.ln(x))
+
+
+def test_weights_reached_where_the_copy_cannot_follow_are_refused(ids):
+    with pytest.raises(modfx.ModfxError, match=r"reaches h\.0\.mlp\.c_fc\.weight.*as constants: shared with it"):
+        modfx.transform(LambdaMLPs(ListedLambdaBlock), (ids,))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import sympy
+import torch
 from torch import nn
 from torch.fx import Graph
 
@@ -28,7 +29,7 @@ from .discover import Block, find_blocks
 from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .rescore import rescore_chosen
-from .graph_utils import input_named
+from .graph_utils import expr, input_named
 from .route_topk import route_topk
 from .router import insert_router
 
@@ -41,8 +42,9 @@ class PipelineResult:
     outputs: dict  # routed block index -> its new (merged) output node
 
 
-def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sympy.Expr | None,
+def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sympy.Expr | tuple | None,
                  mode: str = "topk") -> PipelineResult:
+    """`seq_expr`: the routed stack's token-axis length, or a tuple of them, one per routed stack."""
     blocks = find_blocks(graph, seq_expr)
     routed = config.routed(len(blocks))
     if not routed:
@@ -52,6 +54,13 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             "use every=1 (CLI: --every 1) or name the blocks to route with blocks=(...)"
         )
     real = input_named(graph, config.padding_mask, "padding_mask") if config.padding_mask else None  # [B, S], 0 = padding
+    if real is not None and isinstance(seq_expr, tuple) and len(seq_expr) > 1:  # the mask of one stack's tokens
+        v = real.meta.get("val")
+        tokens = expr(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+        over = {b.index for b in blocks if b.index in routed and tokens == b.seq_expr}
+        masked = over or {routed[0]}  # none: the first routed block refuses the mask, with the shapes
+    else:
+        masked = set(routed)
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     outputs = {}
@@ -62,7 +71,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         old_out = block.out
         r = insert_router(graph, root, block)
         if mode == "topk":
-            routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting, real)
+            mask = real if block.index in masked else None
+            routed_block = route_topk(graph, block, r, config.capacity_fraction, config.weighting, mask)
             new_out = routed_block.out
             if not config.router_aux_weight:  # the router aux loss needs r's gradient on all S tokens
                 rescore_chosen(graph, block, r, routed_block)
@@ -75,7 +85,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             elif config.predictor:  # r only ranks: one GEMM over x for it and the predictor
                 fuse_router_predictor(graph, root, block, r)
         elif mode == "predictor":
-            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting, real)
+            mask = real if block.index in masked else None
+            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting, mask)
             stats.append(block_stats)
         else:
             raise ValueError(mode)

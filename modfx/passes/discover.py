@@ -94,10 +94,27 @@ class _OtherSequence(_Invalid):
     decoder of an encoder-decoder model)."""
 
 
-def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
+def find_blocks(graph: Graph, seq_expr: sympy.Expr | tuple | None) -> list[Block]:
     """All blocks on the residual stream, in order. `seq_expr` is the symbolic (or static) length of
-    the model input's token axis; a hidden state's token axis is the axis whose size involves it."""
+    the model input's token axis; a hidden state's token axis is the axis whose size involves it. A tuple
+    of lengths (MoDConfig.token_input a tuple) finds one stack of blocks per length, all in graph order."""
     adopt_loop_bodies(graph)
+    stacks = [_find_stack(graph, s) for s in (seq_expr if isinstance(seq_expr, tuple) else (seq_expr,))]
+    prefixes = [prefix for prefix, _, _ in stacks]
+    for prefix, _, notes in stacks:
+        for other, note in notes:  # a stack over another sequence that is not routed: once, outermost
+            if not any(_within(other, p) or _within(p, other) for p in prefixes):
+                warnings.warn(note, stacklevel=2)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    blocks = sorted((b for _, found, _ in stacks for b in found), key=lambda b: order[b.first])
+    for i, b in enumerate(blocks):
+        b.index = i
+    return blocks
+
+
+def _find_stack(graph: Graph, seq_expr: sympy.Expr | None) -> tuple[str, list[Block], list[tuple[str, str]]]:
+    """(prefix, blocks, notes) of the group of blocks over `seq_expr`'s tokens; notes: (other prefix,
+    warning) for each stack over another sequence, for `find_blocks` to give unless that stack is routed."""
     groups: dict[str, dict[int, str]] = defaultdict(dict)
     for n in graph.nodes:
         if n.op != "call_function":
@@ -145,7 +162,7 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
         warnings.warn(
             f"modfx uses {len(blocks)} of the {len(blocks) + len(skipped)} modules {prefix}.* as blocks; "
             f"the others stay as they are and are never routed: {'; '.join(skipped)}",
-            stacklevel=2,
+            stacklevel=3,
         )
     for outer, (count, why) in rejected.items():  # e.g. T5: encoder.block.* pass a position bias along
         if _within(prefix, outer) and prefix != outer:
@@ -154,21 +171,18 @@ def find_blocks(graph: Graph, seq_expr: sympy.Expr | None) -> list[Block]:
                 f"{outer}.* ({count} members) that it cannot use as blocks: {why}. Only these "
                 f"{len(blocks)} sublayers can be routed; make each {outer}.N map the hidden state alone to route "
                 "the model's real blocks.",
-                stacklevel=2,
+                stacklevel=3,
             )
-    for other, (count, why) in other_sequence.items():  # e.g. the decoder of T5, BART, Whisper: once, outermost
-        outermost = not any(_within(other, o) for o in other_sequence if o != other)
-        if outermost and not _within(other, prefix) and not _within(prefix, other):
-            warnings.warn(
+    notes = []
+    for other, (count, why) in other_sequence.items():  # e.g. the decoder of T5, BART, Whisper
+        if not any(_within(other, o) for o in other_sequence if o != other):
+            notes.append((other, (
                 f"modfx routes the blocks {prefix}.*; the {count} modules {other}.* are not routed: {why}. "
-                "modfx routes one stack of blocks: the one over the token axis of MoDConfig.token_input (by "
-                "default the first input with one). Name another input there to route another stack, e.g. "
-                "token_input='decoder_input_ids' for the decoder of an encoder-decoder model.",
-                stacklevel=2,
-            )
-    for i, b in enumerate(blocks):
-        b.index = i
-    return blocks
+                "modfx routes the stacks of blocks over the token axes of MoDConfig.token_input (by default "
+                "the first input with one). Name another input there to route another stack, e.g. "
+                "token_input='decoder_input_ids' for the decoder of an encoder-decoder model, or "
+                "token_input=('input_ids', 'decoder_input_ids') for both stacks.")))
+    return prefix, blocks, notes
 
 
 def adopt_loop_bodies(graph: Graph) -> None:

@@ -125,11 +125,10 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
         needs = sum(1 for i in _MM[op] if i < len(n.args) and n.args[i] in grads) if n in grads else 0
         return role or "matmul", fwd, fwd * needs
     if op in _ATTN:
-        q, k, v = _shapes(n.args[:3])
+        q, k, v = _attention_shapes(*_shapes(n.args[:3]))
         c = CAUSAL if op_arg(n.target, n.args, n.kwargs, "is_causal", False) else 1
         fwd = c * flop_registry[_SDPA](q, k, v)
-        out = _shapes(n.meta["val"])
-        out = out[0] if isinstance(out[0], tuple) else out
+        out = (*q[:-1], v[-1])
         needs = [n in grads and a in grads for a in n.args[:3]]  # q, k, v
         if not any(needs):
             bwd = 0
@@ -140,6 +139,15 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
             bwd = c * flop_registry[_SDPA_BWD](out, q, k, v)
         return role or "attention", sympy.sympify(fwd), sympy.sympify(bwd)
     return role or "other", zero, zero
+
+
+def _attention_shapes(q, k, v):
+    """q, k, v [B, H, S, hd] with k's and v's batch, heads and (when it equals k's) head size read from q:
+    a key/value input with a batch symbol of its own (an encoder memory given as a model input) gets its
+    head size as an expression of both batch symbols from a `view(..., -1, ...)`, equal to q's at run time
+    but not provably so for torch's formulas."""
+    kv_hd = q[-1] if k[-1] != q[-1] and v[-1] == k[-1] else v[-1]
+    return q, (*q[:-2], k[-2], q[-1]), (*q[:-2], v[-2], kv_hd)
 
 
 def _runs_math_kernel(n: Node, grads: set[Node]) -> bool:
@@ -225,13 +233,19 @@ def count(graph: Graph, blocks=(), root=None) -> list[Cost]:
 @dataclasses.dataclass
 class Names:
     """Readable names for the raw export symbols: batch -> B, sequence -> S, each routed block's
-    capacity k (a FloorDiv of S) -> k, or k_i when the blocks' capacities differ."""
+    capacity k (a FloorDiv of S) -> k, or k_i when the blocks' capacities differ. With several routed
+    stacks (MoDConfig.token_input a tuple), each stack's sequence is S_<input> and its capacity k_<input>."""
 
     table: dict  # raw expression -> pretty symbol
     hints: dict  # raw symbol -> its example value
-    S: sympy.Symbol | None  # pretty
+    seqs: tuple  # pretty symbols of the routed stacks' sequences
     k: dict  # routed block -> raw k expression
     length: dict  # routed block -> raw token-axis length the block's top-k ranks (S, or S + 1 with CLS)
+
+    def seq_of(self, block: str) -> sympy.Symbol | None:
+        """The routed stack's sequence symbol that `block`'s top-k ranks over (None when static)."""
+        length = self.length.get(block)
+        return None if length is None else next(iter(self.pretty(length).free_symbols & set(self.seqs)), None)
 
     def pretty(self, e) -> sympy.Expr:
         return sympy.expand(sympy.sympify(e).xreplace(self.table))
@@ -247,19 +261,25 @@ class Names:
         return {**env, **{p: v for p, v in named.items() if v.is_Integer}}
 
     @staticmethod
-    def of(graph: Graph, blocks=(), seq: sympy.Expr | None = None) -> "Names":
-        """`seq`: the routed blocks' token-axis length (Capture.seq_expr); default: the first input's."""
+    def of(graph: Graph, blocks=(), seq: sympy.Expr | tuple | None = None) -> "Names":
+        """`seq`: the routed blocks' token-axis length (Capture.seq_expr), or a tuple of them, one per routed
+        stack (Capture.seq_exprs); default: the first input's."""
         pos = dict(integer=True, positive=True)
-        table, S = {}, None
-        seq = token_axis_length(graph) if seq is None else seq  # axis 1 of the inputs, or 0 sequence-first
-        placeholders = graph.find_nodes(op="placeholder") if seq is not None and seq.is_Symbol else []
-        tokens = input_over(graph, seq) if placeholders else None
-        if tokens is not None:
+        table = {}
+        seqs = seq if isinstance(seq, tuple) else (seq,)
+        seqs = [token_axis_length(graph) if s is None else s for s in seqs]  # axis 1 of the inputs, or 0 sequence-first
+        seqs = [s for s in seqs if s is not None and s.is_Symbol]
+        placeholders = graph.find_nodes(op="placeholder") if seqs else []
+        for i, s in enumerate(seqs):
+            tokens = input_over(graph, s)
+            if tokens is None:
+                continue
             shape = shape_exprs(tokens)
-            batch = shape[1] if shape[0] == seq else shape[0]
-            if batch.is_Symbol:
+            batch = shape[1] if shape[0] == s else shape[0]
+            if i == 0 and batch.is_Symbol:
                 table[batch] = sympy.Symbol("B", **pos)
-            table[seq] = S = sympy.Symbol("S", **pos)
+            table[s] = sympy.Symbol("S" if len(seqs) == 1 else f"S_{tokens.name}", **pos)
+        named_seqs = tuple(table[s] for s in seqs if s in table)
         for ph in placeholders:  # another sequence (an encoder's, when the decoder is routed): S_<input>
             shape = shape_exprs(ph)
             if shape and len(shape) >= 2 and shape[1].is_Symbol and shape[1] not in table:
@@ -272,9 +292,12 @@ class Names:
                 k[b] = expr(count.meta["val"] if isinstance(count, Node) else count)
                 length[b] = shape_exprs(n.args[0])[1]
         distinct = {e for e in k.values() if not e.is_Symbol and e.free_symbols}
+        by_seq = {e: [table[s].name[2:] for s in e.free_symbols if table.get(s) in named_seqs] for e in distinct}
+        per_stack = len(named_seqs) > 1 and len(distinct) == len(named_seqs) and all(len(v) == 1 for v in by_seq.values())
         for b, e in k.items():
             if e in distinct:
-                name = "k" if len(distinct) == 1 else f"k_{list(blocks).index(b) if b in blocks else b}"
+                index = list(blocks).index(b) if b in blocks else b
+                name = "k" if len(distinct) == 1 else f"k_{by_seq[e][0]}" if per_stack else f"k_{index}"
                 table[e] = sympy.Symbol(name, **pos)
         try:
             env = fake_mode_of(graph).shape_env
@@ -283,7 +306,7 @@ class Names:
             hints = {s: int(v) for s, v in vals.items()}
         except (RuntimeError, AttributeError):
             hints = {}
-        return Names(table, hints, S, k, length)
+        return Names(table, hints, named_seqs, k, length)
 
 
 # --- budget check -------------------------------------------------------------------------------
@@ -299,10 +322,10 @@ def _total(names: Names, costs, keep=lambda c: True) -> sympy.Expr:
 
 def _check_body(block: str, costs: list[Cost], names: Names) -> None:
     """A routed block's body (its nodes minus the routing ones) must not grow with S at fixed k."""
-    k, length = names.k.get(block), names.length.get(block)
-    if names.S is None or k is None or names.pretty(k) == names.pretty(length):
+    k, length, S = names.k.get(block), names.length.get(block), names.seq_of(block)
+    if S is None or k is None or names.pretty(k) == names.pretty(length):
         return  # static sequence, or capacity 1 (k = S)
-    bad = [c for c in costs if c.block == block and c.kind not in ROUTING and names.S in names.pretty(c.fwd).free_symbols]
+    bad = [c for c in costs if c.block == block and c.kind not in ROUTING and S in names.pretty(c.fwd).free_symbols]
     if bad:
         raise ModfxError(
             f"FLOP budget: routed block {block} still runs on all S tokens, not the k = {names.define(k)} routed "
@@ -320,9 +343,9 @@ def _ideal(dense: list[Cost], dnames: Names, names: Names, routed) -> tuple[symp
     for b, e in scopes.items():
         e = dnames.pretty(e)
         if b in routed and b in names.k:
-            length, k = names.pretty(names.length[b]), names.pretty(names.k[b])
-            (s,) = sympy.solve(sympy.Eq(length, k), names.S) if names.S is not None and length != k else (None,)
-            e = sympy.expand(e.xreplace({names.S: s})) if s is not None else e
+            length, k, S = names.pretty(names.length[b]), names.pretty(names.k[b]), names.seq_of(b)
+            (s,) = sympy.solve(sympy.Eq(length, k), S) if S is not None and length != k else (None,)
+            e = sympy.expand(e.xreplace({S: s})) if s is not None else e
         expect[b] = e
     return sympy.Add(*expect.values()), expect
 
@@ -347,11 +370,11 @@ def check_budget(graph: Graph, dense: Graph, blocks, routed, seq: sympy.Expr | N
 
 
 def _probes(names: Names):
-    """The example sizes, and the same with an 8x longer sequence."""
+    """The example sizes, and the same with 8x longer sequences."""
     yield names.values()
-    S = next((raw for raw, p in names.table.items() if p == names.S), None)
-    if S is not None and S in names.hints:
-        yield names.values({S: 8 * names.hints[S]})
+    longer = {raw: 8 * names.hints[raw] for raw, p in names.table.items() if p in names.seqs and raw in names.hints}
+    if longer:
+        yield names.values(longer)
 
 
 def _excess_message(names: Names, costs, expect, env, limit) -> str:
