@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--cpp-wrapper", action="store_true", help="compile with Inductor's C++ wrapper")
     ap.add_argument("--kernels", action="store_true", help="also build each distinct C++ kernel alone, timed")
     args = ap.parse_args(argv)
+    if args.kernels and args.cpp_wrapper:
+        ap.error("--kernels times the kernels Inductor builds one by one; with --cpp-wrapper it builds them together")
     inductor_config.force_disable_caches = True
     inductor_config.cpp_wrapper = args.cpp_wrapper
     torch.manual_seed(0)

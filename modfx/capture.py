@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import types
 import warnings
 
@@ -137,6 +138,29 @@ def _check_owns_its_weights(ep: torch.export.ExportedProgram, model: nn.Module) 
         )
 
 
+def _mark_causal_tables(gm: GraphModule) -> None:
+    """Tag the constant tables [..., N, N] whose entries say only whether a column is at or before the row
+    (minGPT's float `tril(ones)` buffer, a `triu(-inf, 1)` mask): `meta['modfx_causal_table']`. Such a
+    table, sliced [:T, :T], is as right on the k chosen tokens as on all of them (they keep their order);
+    other tables sliced by the length read positions (discover.py refuses those)."""
+    for n in gm.graph.find_nodes(op="get_attr"):
+        try:
+            t = operator.attrgetter(n.target)(gm)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.Tensor) and _is_causal_table(t):
+            n.meta["modfx_causal_table"] = True
+
+
+def _is_causal_table(t: torch.Tensor) -> bool:
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2 or t.numel() > 1 << 26 or t.is_complex():
+        return False
+    lower = torch.ones(t.shape[-2:], dtype=torch.bool, device=t.device).tril()
+    at, after = t[..., lower], t[..., ~lower]  # [..., N(N+1)/2], [..., N(N-1)/2]
+    a, b = at.flatten()[0], after.flatten()[0]
+    return bool((at == a).all() and (after == b).all() and a != b)
+
+
 def _warn_about_hooks(model: nn.Module) -> None:
     kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
     hooked = [name or type(model).__name__ for name, m in model.named_modules() if any(getattr(m, k, None) for k in kinds)]
@@ -186,6 +210,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
     graphs = {mode: gm.graph for mode, gm in modules.items()}
     for graph in dict.fromkeys(graphs.values()):
         _drop_dtype_asserts(graph)
+    for gm in dict.fromkeys(modules.values()):
+        _mark_causal_tables(gm)
 
     names = token_input if isinstance(token_input, tuple) else (token_input,)
     seqs = tuple(token_axis_length(modules[first].graph, name) for name in names)

@@ -124,35 +124,43 @@ def _hf_config_model(args) -> torch.nn.Module:
 
 
 def _factory_model(args) -> torch.nn.Module:
-    """`CALLABLE()` from `--factory MODULE:CALLABLE` (MODULE an importable module or a .py file): the user's
-    own model, taking token ids [B, S] as its first input. The ids are drawn below its first embedding's
-    size, which becomes --vocab; the flags that size the built-in models do not apply."""
+    """`CALLABLE()` from `--factory MODULE:CALLABLE` (MODULE a .py file, imported with its folder on
+    sys.path as when run as a script, or a module importable from the working directory): the user's own
+    model, taking token ids [B, S] as its first input. The ids are drawn below --vocab, by default its first
+    embedding's size; the flags that size the built-in models do not apply."""
     spec, _, attr = args.factory.rpartition(":")
     if not spec or not attr:
         raise ModfxError(f"--factory {args.factory}: give MODULE:CALLABLE, e.g. my_models.py:make_model or "
                          "mypkg.models:build")
+    if spec.endswith(".py") and not os.path.isfile(spec):
+        raise ModfxError(f"--factory {args.factory}: no such file {spec}")
+    folder = os.path.dirname(os.path.abspath(spec)) if spec.endswith(".py") else os.getcwd()
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
-        if spec.endswith(".py"):
-            if not os.path.isfile(spec):
-                raise ModfxError(f"--factory {args.factory}: no such file {spec}")
+        if spec.endswith(".py"):  # this file, even if a module of its name was imported before
             loader = importlib.util.spec_from_file_location(os.path.basename(spec)[:-3], spec)
-            module = importlib.util.module_from_spec(loader)
+            module = sys.modules[loader.name] = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(spec)
-    except ImportError as e:
-        raise ModfxError(f"--factory {args.factory}: cannot import {spec} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module: any error ends in one line
+        raise ModfxError(f"--factory {args.factory}: cannot import {spec} ({type(e).__name__}: {e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModfxError(f"--factory {args.factory}: {spec} has no callable {attr}")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001
+        raise ModfxError(f"--factory {args.factory}: {attr}() failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, torch.nn.Module):
         raise ModfxError(f"--factory {args.factory}: {attr}() returned a {type(model).__name__}, not an nn.Module")
     emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
     if emb is None:
         raise ModfxError(f"--factory {args.factory}: the model has no nn.Embedding; the modfx command feeds token "
                          "ids [B, S] only (use modfx.transform with your own inputs)")
-    args.vocab = emb.num_embeddings
+    if not args.vocab_given:
+        args.vocab = emb.num_embeddings
     for flag in ("layers", "d_model", "heads"):  # not the model's: left out of --json
         setattr(args, flag, None)
     return model
@@ -526,7 +534,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=positive, default=None, help="blocks (default 8)")
     g.add_argument("--d-model", type=positive, default=256)
     g.add_argument("--heads", type=positive, default=8)
-    g.add_argument("--vocab", type=positive, default=256)
+    g.add_argument("--vocab", type=positive, default=None, help="default 256 (--factory: its first embedding's size)")
     g.add_argument("--batch", type=positive, default=2)
     g.add_argument("--seq", type=positive, default=512)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -565,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.layers_given = args.layers is not None
     args.layers = args.layers or 8
+    args.vocab_given = args.vocab is not None
+    args.vocab = args.vocab or 256
     if args.hf or args.hf_config or args.factory:
         args.model = None
     if args.factory and args.layers_given:

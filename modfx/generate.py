@@ -46,12 +46,15 @@ def _copy(graph):
 
 def _positions_arg(model) -> str:
     """The forward parameter that takes absolute token positions (e.g. `input_pos`, `position_ids`)."""
-    for name in inspect.signature(model.forward).parameters:
-        if "pos" in name:
-            return name
+    params = [p for p in inspect.signature(model.forward).parameters.values() if "pos" in p.name]
+    offsets = [p.name for p in params if p.annotation in (int, "int") or type(p.default) is int]
+    for p in params:
+        if p.name not in offsets:
+            return p.name
+    offset = f" ({', '.join(offsets)} takes one int offset, not a position per token)" if offsets else ""
     raise ModfxError(
         f"generate needs {type(model).__name__}.forward to accept token positions (a parameter such as "
-        "`input_pos` or `position_ids`), so that a decoded token gets its true position"
+        f"`input_pos` or `position_ids`, a tensor [B, S]){offset}, so that a decoded token gets its true position"
     )
 
 

@@ -173,3 +173,29 @@ def test_factory_errors_end_in_a_one_line_error(tmp_path, monkeypatch, spec, mes
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=f"modfx: error: --factory .*{message}"):
         cli.main(["flops", "--factory", spec])
+
+
+SIBLING_USER = '''
+from __future__ import annotations
+
+import dataclasses
+
+import helpers
+
+
+@dataclasses.dataclass
+class Sizes:  # needs its module in sys.modules
+    layers: int = 4
+
+
+def make():
+    return helpers.make()
+'''
+
+
+def test_factory_file_imports_its_siblings_and_defines_dataclasses(tmp_path, monkeypatch, capsys):
+    (tmp_path / "helpers.py").write_text(FACTORY)
+    (tmp_path / "mine.py").write_text(SIBLING_USER)
+    monkeypatch.chdir(tmp_path.parent)  # not the file's folder
+    assert cli.main(["flops", "--factory", f"{tmp_path / 'mine.py'}:make", "--seq", "32", "--vocab", "50"]) == 0
+    assert "k=4" in capsys.readouterr().out

@@ -251,3 +251,20 @@ def test_a_padding_mask_without_real_tokens_or_of_another_shape_is_refused():
     mask[1] = 0
     with pytest.raises(modfx.ModfxError, match=r"no real token in rows \[1\]"):
         modfx.generate(mod, ids, 2, attention_mask=mask)
+
+
+class OffsetPositions(torch.nn.Module):
+    """Meta's Llama signature: `start_pos` is one int offset, not a position per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64))
+
+    def forward(self, tokens, start_pos: int = 0):
+        return self.model(tokens)
+
+
+def test_an_int_offset_is_not_taken_for_token_positions():
+    mod = modfx.transform(OffsetPositions(), (torch.randint(0, 64, (2, 16)),))
+    with pytest.raises(modfx.ModfxError, match=r"start_pos takes one int offset, not a position per token"):
+        modfx.generate(mod, torch.randint(0, 64, (1, 4)), 2)

@@ -42,7 +42,7 @@ from torch.fx import Graph, Node
 from ..errors import ModfxError
 from .graph_utils import aten, module_paths, shape_exprs
 
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+_INDEXED = re.compile(r"^(?:(.*)\.)?(\d+)$")  # `layers.3`, or `3` of a model that is an nn.Sequential
 
 # Ops that pass the residual stream through unchanged when they keep dtype and shape.
 _IDENTITY_OPS = {
@@ -122,7 +122,7 @@ def _find_stack(graph: Graph, seq_expr: sympy.Expr | None) -> tuple[str, list[Bl
         for path in module_paths(n):
             m = _INDEXED.match(path)
             if m:
-                groups[m.group(1)][int(m.group(2))] = path
+                groups[m.group(1) or ""][int(m.group(2))] = path
 
     found: list[tuple[int, int, str, list[Block], list[str]]] = []  # ..., members that are no block
     rejected: dict[str, tuple[int, str]] = {}
@@ -190,8 +190,11 @@ def adopt_loop_bodies(graph: Graph) -> None:
     `ModuleList` of `ModuleList`s, or of `ModuleDict`s, iterated by the caller) is a layer written inline.
     Its region is its descendants' nodes, plus the caller's nodes between the first and the last of them
     that read them, plus the residual chain right after them: adds and identity ops of the caller that read
-    the region and otherwise only values from before it. These nodes get the layer's path on their
-    nn_module_stack, so discovery, the FLOP pass and new nodes treat the layer as a module."""
+    only the region and the values the region reads (its input x), not a value of their own (a head's bias,
+    the next iteration's `x + pos`). These nodes get the layer's path on their nn_module_stack, so
+    discovery, the FLOP pass and new nodes treat the layer as a module. Not adopted: a path whose
+    descendants run more than once (one layer applied repeatedly: its calls are numbered `@1`, ...), and one
+    whose caller adds nothing between or after its descendants (a list of whole blocks, `stages.0`)."""
     calls = [n for n in graph.nodes if n.op == "call_function"]
     called = {p for n in calls for p in module_paths(n)}
     bodies: dict[str, list[Node]] = defaultdict(list)
@@ -200,6 +203,8 @@ def adopt_loop_bodies(graph: Graph) -> None:
             bodies[v].append(n)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for v, under in bodies.items():
+        if any("@" in key for n in under for key, (p, _) in n.meta["nn_module_stack"].items() if _within(p, v)):
+            continue  # a descendant runs more than once: the iterations would merge into one region
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
         for n in list(graph.nodes)[lo:]:
@@ -208,9 +213,12 @@ def adopt_loop_bodies(graph: Graph) -> None:
                 break  # the next module call ends the residual chain
             if n in region or not in_caller or not any(a in region for a in n.all_input_nodes):
                 continue
-            chain = n.target in _ADDS | _IDENTITY_OPS and all(a in region or order[a] < lo for a in n.all_input_nodes)
+            read = {a for r in region for a in r.all_input_nodes}
+            chain = n.target in _ADDS | _IDENTITY_OPS and all(a in region or a in read for a in n.all_input_nodes)
             if order[n] < hi or chain:
                 region.add(n)
+        if len(region) == len(under):
+            continue  # nothing of the caller's: not a layer written inline
         for n in region:
             stack = n.meta.get("nn_module_stack") or {}
             outer = {k: e for k, e in stack.items() if not _within(e[0], v)}
@@ -227,8 +235,8 @@ def _indexed_ancestors(path: str):
 
 
 def _within(path: str, outer: str) -> bool:
-    """Module path `path` is `outer` or lies inside it."""
-    return (path + ".").startswith(outer + ".")
+    """Module path `path` is `outer` or lies inside it (every path lies inside the root, "")."""
+    return outer == "" or (path + ".").startswith(outer + ".")
 
 
 def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -> Block:
@@ -316,7 +324,7 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
 
 def _reads_table_by_length(n: Node, s_expr: sympy.Expr) -> bool:
     """A float tensor sliced, along an axis whose length does not follow S, with bounds that do:
-    table[..., S_max - S:] reads positions. (Bool tables, causal masks, stay right on compacted tokens:
+    table[..., S_max - S:] reads positions. (Causal masks, bool or float, stay right on compacted tokens:
     the chosen tokens keep their order.)"""
     if n.target is not aten.slice.Tensor or not isinstance(n.args[0], Node):
         return False
@@ -329,7 +337,17 @@ def _reads_table_by_length(n: Node, s_expr: sympy.Expr) -> bool:
         return isinstance(v, torch.SymInt) and bool(seq & v.node.expr.free_symbols)
 
     bounds = [a.meta.get("val") for a in n.args[2:4] if isinstance(a, Node)]
-    return not follows_s(src.shape[dim]) and any(follows_s(b) for b in bounds)
+    return not follows_s(src.shape[dim]) and any(follows_s(b) for b in bounds) and not _prefix_of_causal_table(n)
+
+
+def _prefix_of_causal_table(n: Node) -> bool:
+    """`n` slices, through slices from 0 only, a table capture.py tagged causal: mask[:T, :T] of tril(ones)."""
+    while n.op == "call_function" and n.target is aten.slice.Tensor:
+        start = n.args[2] if len(n.args) > 2 else 0
+        if start not in (0, None) or not isinstance(n.args[0], Node):
+            return False
+        n = n.args[0]
+    return bool(n.meta.get("modfx_causal_table"))
 
 
 def residual_terms(node: Node, x: Node, region: set[Node]) -> list[Node] | None:

@@ -270,7 +270,7 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
     yg = block.out
     outside_users = [u for u in yg.users if u not in region]
     with graph.inserting_before(yg.next):
-        f = contribution(graph, block, xg)
+        f = contribution(graph, block, xg, replace)
         r_index = token_index(graph, idx, r, block.seq_axis, block.batch_axis, st)
         rg = call(graph, aten.gather.default, (r, block.seq_axis, r_index), stack=st, tag="gather")  # [B, k, 1]
         delta = _weighted(graph, f, rg, weighting, st)  # [B, k, D]
@@ -282,13 +282,14 @@ def route_topk(graph: Graph, block: Block, r: Node, capacity: Fraction, weightin
     return Routed(idx, merged, xg, rg)
 
 
-def contribution(graph: Graph, block: Block, x: Node) -> Node:
+def contribution(graph: Graph, block: Block, x: Node, replace: dict | None = None) -> Node:
     """f, the block's contribution to the residual stream, inserted at the insertion point: the sum of
-    the terms of the graph's residual add chain when it shows one (no cancellation), else out - x."""
+    the terms of the graph's residual add chain when it shows one (no cancellation), else out - x. A term
+    from outside the block (`x + f(x) + x0`) is read as `replace` has it (x0's gathered rows)."""
     st = block.stack
     if block.residual_terms is None:
         return call(graph, aten.sub.Tensor, (block.out, x), stack=st)  # e.g. a post-norm block
-    terms = block.residual_terms
+    terms = [(replace or {}).get(t, t) for t in block.residual_terms]
     if len(terms) > 1:  # summed in x's dtype, as the chain x + t0 + t1 adds them (autocast: bf16 terms)
         terms = [call(graph, aten.type_as.default, (t, x), stack=st) for t in terms]
     f = terms[0]
@@ -440,9 +441,10 @@ def _probe(block: Block, external: list[Node], S: int, t: int, sizes: dict) -> d
                     f"of tokens than the static sequence length {S}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}. With a static sequence length modfx rewrites every "
                     f"literal {S} in the block's sizes to k; that fails when {S} is also another size of the block "
-                    "(e.g. the head dimension), or when the block works on a fixed number of tokens (positions or "
-                    "relative-position tables built inside it, windows over a grid, a scan). Use an input size whose "
-                    f"token count differs from every other dimension, or capture with a dynamic sequence length."
+                    "(e.g. the head dimension): then use an input size whose token count differs from every other "
+                    "dimension, or capture with a dynamic sequence length. It also fails when the block works on a "
+                    "fixed number of tokens (positions or relative-position tables built inside it, windows over a "
+                    "grid, a scan, a token-mixing layer of S inputs as in MLP-Mixer): such a block cannot be routed."
                 ) from e
     return env
 

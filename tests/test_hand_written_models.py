@@ -1,4 +1,6 @@
-"""Layers written inline in the caller's loop (the vit-pytorch / x-transformers layout):
+"""Models written the way people write them by hand.
+
+Layers written inline in the caller's loop (the vit-pytorch / x-transformers layout):
 
     self.layers = nn.ModuleList([nn.ModuleList([PreNorm(attn), PreNorm(ff)]) for _ in range(n)])
     for attn, ff in self.layers:
@@ -6,7 +8,10 @@
         x = ff(x) + x
 
 `layers.0` is never called, so its residual adds carry only the caller's module path; discovery attributes
-them to the layer (passes/discover.py, `adopt_loop_bodies`)."""
+them to the layer (passes/discover.py, `adopt_loop_bodies`).
+
+minGPT's idioms: the MLP called through a lambda kept as a module attribute, and a float `tril(ones)`
+causal mask buffer sliced `[:T, :T]` inside the attention."""
 
 import math
 
@@ -267,3 +272,168 @@ class ListedLambdaBlock(LambdaMLPBlock):
 def test_weights_reached_where_the_copy_cannot_follow_are_refused(ids):
     with pytest.raises(modfx.ModfxError, match=r"reaches h\.0\.mlp\.c_fc\.weight.*as constants: shared with it"):
         modfx.transform(LambdaMLPs(ListedLambdaBlock), (ids,))
+
+
+class MinGPTAttention(nn.Module):
+    """minGPT / nanoGPT's non-flash path: a float tril(ones) buffer sliced by the length, masked_fill, softmax."""
+
+    def __init__(self, max_len=128):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        return self.c_proj((F.softmax(att, dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MinGPTBlock(LambdaMLPBlock):
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(D), MinGPTAttention()
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlpf(self.ln(x))
+
+
+def test_a_float_causal_mask_sliced_by_the_length_routes_like_the_model_on_the_chosen_tokens(ids):
+    torch.manual_seed(0)
+    model = LambdaMLPs(MinGPTBlock).eval()
+    mod = modfx.transform(model, (ids,), capacity=0.25)
+    with torch.no_grad():
+        x = model.emb(ids)
+        for i, block in enumerate(model.h):
+            if i % 2 == 0:
+                x = block(x)
+                continue
+            r = x @ mod.get_submodule(f"h.{i}.mod_router").weight.T  # [B, S, 1]
+            k = math.ceil(0.25 * x.shape[1])
+            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+            xg = x.gather(1, idx[..., None].expand(-1, -1, D))  # [B, k, D]: causal among themselves, in order
+            x = x.scatter(1, idx[..., None].expand(-1, -1, D), xg + r.gather(1, idx[..., None]) * (block(xg) - xg))
+        torch.testing.assert_close(mod(ids), x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_position_table_sliced_by_the_length_is_still_refused(ids):
+    torch.manual_seed(0)
+    model = LambdaMLPs(MinGPTBlock).eval()
+    for block in model.h:  # ALiBi-like: entries that depend on the distance, not only on causality
+        block.attn.bias.copy_(torch.arange(128.0)[None, :] - torch.arange(128.0)[:, None])
+    with pytest.raises(modfx.ModfxError, match="slices a position table"):
+        modfx.transform(model, (ids,))
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.token_mix, self.channel_mix = nn.Linear(tokens, tokens), feed_forward()
+
+    def forward(self, x):
+        x = x + self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)  # mixes the S tokens of a sequence
+        return x + self.channel_mix(self.norm2(x))
+
+
+def test_a_token_mixing_mlp_is_refused_with_the_reason(ids):
+    model = nn.Sequential(nn.Embedding(V, D), *[MixerBlock(ids.shape[1]) for _ in range(L)])
+    with pytest.raises(modfx.ModfxError, match=r"block \d: .*a token-mixing layer of S inputs as in MLP-Mixer"):
+        modfx.transform(model, (ids,))
+
+
+class SkipFromTheStart(nn.Module):
+    """Each block adds the embeddings back: `x + ff(x) + x0`, a residual term from outside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ff = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D))
+
+    def forward(self, x, x0):
+        return x + self.ff(x) + x0
+
+
+class WithSkipsFromTheStart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.layers = nn.Embedding(V, D), nn.ModuleList([SkipFromTheStart() for _ in range(L)])
+
+    def forward(self, ids):
+        x0 = x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x, x0)
+        return x
+
+
+def test_a_residual_term_from_outside_the_block_is_gathered_with_the_tokens(ids):
+    torch.manual_seed(0)
+    model = WithSkipsFromTheStart().eval()
+    mod = modfx.transform(model, (ids,), capacity=0.25)
+    with torch.no_grad():
+        x0 = x = model.emb(ids)
+        for i, layer in enumerate(model.layers):
+            if i % 2 == 0:
+                x = layer(x, x0)
+                continue
+            r = x @ mod.get_submodule(f"layers.{i}.mod_router").weight.T  # [B, S, 1]
+            k = math.ceil(0.25 * x.shape[1])
+            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+            at = idx[..., None].expand(-1, -1, D)
+            xg, x0g = x.gather(1, at), x0.gather(1, at)  # [B, k, D]
+            x = x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (layer(xg, x0g) - xg))
+        torch.testing.assert_close(mod(ids), x, rtol=1e-5, atol=1e-5)
+
+
+class LoopWithGlue(LoopOfPairs):
+    """Caller adds that belong to no layer: `x + shift` at the start of every iteration, a bias after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift, self.final_bias = nn.Parameter(torch.randn(D)), nn.Parameter(torch.randn(D))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for attn, ff in self.layers:
+            x = x + self.shift
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(self.norm(x + self.final_bias))
+
+
+def test_caller_adds_of_no_layer_run_on_every_token(ids):
+    torch.manual_seed(0)
+    model = LoopWithGlue().eval()
+    mod = modfx.transform(model, (ids,), capacity=0.25)
+    with torch.no_grad():
+        x = model.emb(ids)
+        for i, (attn, ff) in enumerate(model.layers):
+            x = x + model.shift
+            if i % 2 == 0:
+                h = attn(x) + x
+                x = ff(h) + h
+                continue
+            r = x @ mod.get_submodule(f"layers.{i}.mod_router").weight.T  # [B, S, 1]
+            k = math.ceil(0.25 * x.shape[1])
+            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+            at = idx[..., None].expand(-1, -1, D)
+            xg = x.gather(1, at)  # [B, k, D]
+            h = attn(xg) + xg
+            x = x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (ff(h) + h - xg))
+        torch.testing.assert_close(mod(ids), model.head(model.norm(x + model.final_bias)), rtol=1e-5, atol=1e-5)
+
+
+class OneLayerApplied(LoopOfPairs):
+    def forward(self, ids):
+        x = self.emb(ids)
+        attn, ff = self.layers[0]
+        for _ in range(L):  # one layer's weights shared across depth, written inline
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(self.norm(x))
+
+
+def test_one_inline_layer_applied_repeatedly_is_refused(ids):
+    with pytest.raises(modfx.ModfxError, match=r"layers\.0\.\d runs 4 times"):
+        modfx.transform(OneLayerApplied(), (ids,))
