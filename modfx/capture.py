@@ -123,18 +123,21 @@ def _rebound(fn, memo: dict):
     return fn
 
 
-def _check_owns_its_weights(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
-    """The exported copy must compute with its own parameters: a tensor of the user's model that export
-    lifted as a constant would be shared with the model, and frozen."""
-    theirs = {t.data_ptr(): name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.numel()}
-    shared = [theirs[t.data_ptr()] for t in ep.constants.values() if isinstance(t, torch.Tensor) and t.numel()
-              and t.data_ptr() in theirs]
+def _check_owns_its_weights(ep: torch.export.ExportedProgram, model: nn.Module, twin: nn.Module) -> None:
+    """The exported copy must compute with its own parameters as parameters: a tensor that export lifted
+    as a constant would be frozen, and, if it is the user's model's, shared with it."""
+    weights = {t.data_ptr(): name for m in (model, twin) for name, t in m.named_parameters() if t.numel()}
+    theirs = {t.data_ptr(): name for name, t in model.named_buffers() if t.numel()} if twin is not model else {}
+    mine = {**theirs, **weights}
+    shared = [mine[t.data_ptr()] for t in ep.constants.values() if isinstance(t, torch.Tensor) and t.numel()
+              and t.data_ptr() in mine]
     if shared:
         raise ModfxError(
-            f"the model reaches {', '.join(shared[:4])}{' ...' if len(shared) > 4 else ''} through something modfx "
-            "cannot copy (e.g. a function stored outside a module attribute, or a global reference to the model), "
-            "so the transformed model would compute with your model's tensors as constants: shared with it and "
-            "never trained. Call the submodules from a method (or a lambda stored as a module attribute) instead."
+            f"the model reaches {', '.join(dict.fromkeys(shared[:4]))}{' ...' if len(shared) > 4 else ''} other than "
+            "as a module's attribute (e.g. a closure over a parameter, a function kept in a list, a global "
+            "reference to the model), so export holds it as a constant: the transformed model would never train "
+            "it (and would share it with your model). Read parameters through their modules (self.fc.weight, or "
+            "call self.fc) in forward, or in a lambda stored as a module attribute that calls the submodules."
         )
 
 
@@ -148,7 +151,7 @@ def _mark_causal_tables(gm: GraphModule) -> None:
             t = operator.attrgetter(n.target)(gm)
         except AttributeError:
             continue
-        if isinstance(t, torch.Tensor) and _is_causal_table(t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and not t.requires_grad and _is_causal_table(t):
             n.meta["modfx_causal_table"] = True
 
 
@@ -198,8 +201,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
         _warn_about_hooks(model)
     twin = copy_of(model) if copy_model else model
     ep = _export(twin, args, kwargs)
-    if copy_model:
-        _check_owns_its_weights(ep, model)
+    _check_owns_its_weights(ep, model, twin)
     first = twin.training
     modules = {first: ep.module()}
     if _mode_dependent(modules[first].graph):

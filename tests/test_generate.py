@@ -268,3 +268,32 @@ def test_an_int_offset_is_not_taken_for_token_positions():
     mod = modfx.transform(OffsetPositions(), (torch.randint(0, 64, (2, 16)),))
     with pytest.raises(modfx.ModfxError, match=r"start_pos takes one int offset, not a position per token"):
         modfx.generate(mod, torch.randint(0, 64, (1, 4)), 2)
+
+
+class SkipBlock(llama.Block):
+    """Adds the embeddings back as a second output path: x0 read twice makes layer 0 no block."""
+
+    def forward(self, x, x0, cos, sin):
+        h = x + self.attn(self.norm1(x), cos, sin)
+        return h + self.mlp(self.norm2(h)) + 0.5 * x0
+
+
+class WithEmbeddingSkips(llama.Llama):
+    block = SkipBlock
+
+    def forward(self, idx, input_pos=None):
+        x0 = x = self.tok_emb(idx)
+        cos, sin = rope_at(self.cos, self.sin, idx.shape[1], input_pos)
+        for layer in self.layers:
+            x = layer(x, x0, cos, sin)
+        return self.head(self.norm(x))
+
+
+def test_attention_outside_the_blocks_is_refused_not_decoded_without_a_cache():
+    torch.manual_seed(0)
+    model = WithEmbeddingSkips(llama.LlamaConfig(n_layers=4, d_model=32, n_heads=4, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with pytest.warns(UserWarning, match="layers.0"):
+        mod = modfx.transform(model, (ids,), capacity=0.25)
+    with pytest.raises(modfx.ModfxError, match=r"attention .*layers\.0.* lies outside the blocks found"):
+        modfx.generate(mod, ids, 2)

@@ -138,6 +138,21 @@ def ids():
     return torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(1))
 
 
+def eager_mod(x, w, capacity, block, *side):
+    """The hand-written Mixture-of-Depths of one block: the top-k tokens of each sequence by r = x @ w.T
+    (stable, descending, then kept in order), x + r * (block(x_k, *side_k) - x_k) scattered back."""
+    r = x @ w.T  # [B, S, 1]
+    k = math.ceil(capacity * x.shape[1])
+    idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    at = idx[..., None].expand(-1, -1, x.shape[-1])
+    xg = x.gather(1, at)  # [B, k, D]
+    return x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (block(xg, *(t.gather(1, at) for t in side)) - xg))
+
+
+def router(mod, name):
+    return mod.get_submodule(f"{name}.mod_router").weight
+
+
 def test_layers_written_inline_are_the_blocks(model, ids):
     p = modfx.plan(modfx.transform(model, (ids,)))
     assert [b.name for b in p.blocks] == [f"layers.{i}" for i in range(L)]
@@ -161,24 +176,14 @@ def test_routed_inline_layers_equal_a_hand_written_eager_reference(ids):
     torch.manual_seed(0)
     model = LoopOfPairs().eval()
     mod = modfx.transform(model, (ids,), capacity=0.125)
-    routers = {i: mod.get_submodule(f"layers.{i}.mod_router").weight for i in (1, 3)}
     with torch.no_grad():
         x = model.emb(ids)
-        B, S, _ = x.shape
         for i, (attn, ff) in enumerate(model.layers):
-            if i not in routers:
+            def layer(x, attn=attn, ff=ff):
                 h = attn(x) + x
-                x = ff(h) + h
-                continue
-            r = x @ routers[i].T  # [B, S, 1]
-            k = math.ceil(0.125 * S)
-            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
-            xg = x.gather(1, idx[..., None].expand(B, k, D))  # [B, k, D]
-            h = attn(xg) + xg
-            f = ff(h) + h - xg
-            x = x.scatter(1, idx[..., None].expand(B, k, D), xg + r.gather(1, idx[..., None]) * f)
-        want = model.head(model.norm(x))
-        torch.testing.assert_close(mod(ids), want, rtol=1e-5, atol=1e-5)
+                return ff(h) + h
+            x = eager_mod(x, router(mod, f"layers.{i}"), 0.125, layer) if i % 2 else layer(x)
+        torch.testing.assert_close(mod(ids), model.head(model.norm(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_routed_inline_layers_compile_as_one_graph_and_train(ids):
@@ -270,7 +275,7 @@ class ListedLambdaBlock(LambdaMLPBlock):
 
 
 def test_weights_reached_where_the_copy_cannot_follow_are_refused(ids):
-    with pytest.raises(modfx.ModfxError, match=r"reaches h\.0\.mlp\.c_fc\.weight.*as constants: shared with it"):
+    with pytest.raises(modfx.ModfxError, match=r"reaches h\.0\.mlp\.c_fc\.weight.*holds it as a constant.*share it with your model"):
         modfx.transform(LambdaMLPs(ListedLambdaBlock), (ids,))
 
 
@@ -306,15 +311,8 @@ def test_a_float_causal_mask_sliced_by_the_length_routes_like_the_model_on_the_c
     mod = modfx.transform(model, (ids,), capacity=0.25)
     with torch.no_grad():
         x = model.emb(ids)
-        for i, block in enumerate(model.h):
-            if i % 2 == 0:
-                x = block(x)
-                continue
-            r = x @ mod.get_submodule(f"h.{i}.mod_router").weight.T  # [B, S, 1]
-            k = math.ceil(0.25 * x.shape[1])
-            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
-            xg = x.gather(1, idx[..., None].expand(-1, -1, D))  # [B, k, D]: causal among themselves, in order
-            x = x.scatter(1, idx[..., None].expand(-1, -1, D), xg + r.gather(1, idx[..., None]) * (block(xg) - xg))
+        for i, block in enumerate(model.h):  # the chosen tokens are causal among themselves, in order
+            x = eager_mod(x, router(mod, f"h.{i}"), 0.25, block) if i % 2 else block(x)
         torch.testing.assert_close(mod(ids), x, rtol=1e-5, atol=1e-5)
 
 
@@ -374,15 +372,7 @@ def test_a_residual_term_from_outside_the_block_is_gathered_with_the_tokens(ids)
     with torch.no_grad():
         x0 = x = model.emb(ids)
         for i, layer in enumerate(model.layers):
-            if i % 2 == 0:
-                x = layer(x, x0)
-                continue
-            r = x @ mod.get_submodule(f"layers.{i}.mod_router").weight.T  # [B, S, 1]
-            k = math.ceil(0.25 * x.shape[1])
-            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
-            at = idx[..., None].expand(-1, -1, D)
-            xg, x0g = x.gather(1, at), x0.gather(1, at)  # [B, k, D]
-            x = x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (layer(xg, x0g) - xg))
+            x = eager_mod(x, router(mod, f"layers.{i}"), 0.25, layer, x0) if i % 2 else layer(x, x0)
         torch.testing.assert_close(mod(ids), x, rtol=1e-5, atol=1e-5)
 
 
@@ -409,18 +399,11 @@ def test_caller_adds_of_no_layer_run_on_every_token(ids):
     with torch.no_grad():
         x = model.emb(ids)
         for i, (attn, ff) in enumerate(model.layers):
-            x = x + model.shift
-            if i % 2 == 0:
+            def layer(x, attn=attn, ff=ff):
                 h = attn(x) + x
-                x = ff(h) + h
-                continue
-            r = x @ mod.get_submodule(f"layers.{i}.mod_router").weight.T  # [B, S, 1]
-            k = math.ceil(0.25 * x.shape[1])
-            idx = torch.sort(r[..., 0], dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
-            at = idx[..., None].expand(-1, -1, D)
-            xg = x.gather(1, at)  # [B, k, D]
-            h = attn(xg) + xg
-            x = x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (ff(h) + h - xg))
+                return ff(h) + h
+            x = x + model.shift  # on every token
+            x = eager_mod(x, router(mod, f"layers.{i}"), 0.25, layer) if i % 2 else layer(x)
         torch.testing.assert_close(mod(ids), model.head(model.norm(x + model.final_bias)), rtol=1e-5, atol=1e-5)
 
 
@@ -437,3 +420,72 @@ class OneLayerApplied(LoopOfPairs):
 def test_one_inline_layer_applied_repeatedly_is_refused(ids):
     with pytest.raises(modfx.ModfxError, match=r"layers\.0\.\d runs 4 times"):
         modfx.transform(OneLayerApplied(), (ids,))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+class ResidualWrappedPairs(LoopOfPairs):
+    """vit-pytorch's early layout: `for attn, ff in self.layers: x = attn(x); x = ff(x)`, adds inside Residual."""
+
+    def __init__(self):
+        super().__init__()
+        for pair in self.layers:
+            pair[0], pair[1] = Residual(pair[0]), Residual(pair[1])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for attn, ff in self.layers:
+            x = ff(attn(x))
+        return self.head(self.norm(x))
+
+
+class SharedNormPairs(LoopOfPairs):
+    """One norm used twice in each layer: `for norm, attn, ff in self.layers`."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleList([nn.LayerNorm(D), Attention(), feed_forward()]) for _ in range(L)])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for norm, attn, ff in self.layers:
+            x = attn(norm(x)) + x
+            x = ff(norm(x)) + x
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("cls", [ResidualWrappedPairs, SharedNormPairs])
+def test_every_inline_layer_is_a_block_whatever_its_sublayers_do(cls, ids):
+    torch.manual_seed(0)
+    model = cls().eval()
+    assert [b.name for b in modfx.plan(modfx.transform(model, (ids,))).blocks] == [f"layers.{i}" for i in range(L)]
+    one = modfx.transform(model, (ids,), capacity=1.0, weighting="none", predictor=False)
+    torch.testing.assert_close(one(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+class ParameterClosureBlock(LambdaMLPBlock):
+    def __init__(self):
+        super().__init__()
+        w, b = self.mlp.c_fc.weight, self.mlp.c_fc.bias
+        self.mlpf = lambda x: self.mlp.c_proj(torch.relu(x @ w.T + b))  # parameters, not modules, in the closure
+
+
+def test_parameters_read_from_a_closure_are_refused_not_frozen(ids):
+    with pytest.raises(modfx.ModfxError, match=r"reaches h\.0\.mlp\.c_fc\.weight.* other than as a module's attribute"):
+        modfx.transform(LambdaMLPs(ParameterClosureBlock), (ids,))
+
+
+def test_a_learnable_table_that_starts_causal_is_still_a_position_table(ids):
+    torch.manual_seed(0)
+    model = LambdaMLPs(MinGPTBlock).eval()
+    for block in model.h:  # trained, it stops being causal
+        block.attn.bias = nn.Parameter(block.attn.bias.clone())
+    with pytest.raises(modfx.ModfxError, match="slices a position table"):
+        modfx.transform(model, (ids,))

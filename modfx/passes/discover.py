@@ -165,7 +165,7 @@ def _find_stack(graph: Graph, seq_expr: sympy.Expr | None) -> tuple[str, list[Bl
             stacklevel=3,
         )
     for outer, (count, why) in rejected.items():  # e.g. T5: encoder.block.* pass a position bias along
-        if _within(prefix, outer) and prefix != outer:
+        if outer and _within(prefix, outer) and prefix != outer:
             warnings.warn(
                 f"modfx routes the {len(blocks)} blocks {prefix}.*, which lie inside one member of the group "
                 f"{outer}.* ({count} members) that it cannot use as blocks: {why}. Only these "
@@ -192,9 +192,8 @@ def adopt_loop_bodies(graph: Graph) -> None:
     that read them, plus the residual chain right after them: adds and identity ops of the caller that read
     only the region and the values the region reads (its input x), not a value of their own (a head's bias,
     the next iteration's `x + pos`). These nodes get the layer's path on their nn_module_stack, so
-    discovery, the FLOP pass and new nodes treat the layer as a module. Not adopted: a path whose
-    descendants run more than once (one layer applied repeatedly: its calls are numbered `@1`, ...), and one
-    whose caller adds nothing between or after its descendants (a list of whole blocks, `stages.0`)."""
+    discovery, the FLOP pass and new nodes treat the layer as a module. Not adopted: a path all of whose
+    children run more than once (one layer applied repeatedly: export numbers the later calls `@1`, ...)."""
     calls = [n for n in graph.nodes if n.op == "call_function"]
     called = {p for n in calls for p in module_paths(n)}
     bodies: dict[str, list[Node]] = defaultdict(list)
@@ -203,8 +202,13 @@ def adopt_loop_bodies(graph: Graph) -> None:
             bodies[v].append(n)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for v, under in bodies.items():
-        if any("@" in key for n in under for key, (p, _) in n.meta["nn_module_stack"].items() if _within(p, v)):
-            continue  # a descendant runs more than once: the iterations would merge into one region
+        calls: dict[str, set] = defaultdict(set)  # child path -> its calls' stack keys
+        for n in under:
+            for key, (p, _) in n.meta["nn_module_stack"].items():
+                if p.startswith(v + ".") and "." not in p[len(v) + 1:]:
+                    calls[p].add(key)
+        if calls and min(map(len, calls.values())) > 1:
+            continue  # every child runs repeatedly: the iterations would merge into one region
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
         for n in list(graph.nodes)[lo:]:
@@ -217,8 +221,6 @@ def adopt_loop_bodies(graph: Graph) -> None:
             chain = n.target in _ADDS | _IDENTITY_OPS and all(a in region or a in read for a in n.all_input_nodes)
             if order[n] < hi or chain:
                 region.add(n)
-        if len(region) == len(under):
-            continue  # nothing of the caller's: not a layer written inline
         for n in region:
             stack = n.meta.get("nn_module_stack") or {}
             outer = {k: e for k, e in stack.items() if not _within(e[0], v)}

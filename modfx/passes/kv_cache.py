@@ -49,7 +49,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, op_arg, run_fake, shape_exprs
+from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, module_paths, op_arg, run_fake, shape_exprs
 from .predictor import _ATTENTION, predictor_logits, token_softmaxes
 from .route_topk import _weighted, contribution, size
 from .router import insert_router
@@ -152,6 +152,16 @@ def rewrite_decode(graph: Graph, root: nn.Module, blocks: list[Block], routed: t
                 "attention (Hugging Face: attn_implementation='sdpa'), or sample by running the full sequence in "
                 "predictor routing (modfx.set_routing(mod, 'predictor'))."
             )
+    inside = {n for b in blocks for n in b.nodes}
+    outside = [n for n in graph.nodes if n.target is _ATTENTION and n not in inside]
+    if outside:
+        stack = module_paths(outside[0])
+        raise ModfxError(
+            f"generate: attention {outside[0].name} ({stack[-1] if stack else 'the model'}) lies outside the blocks "
+            f"found ({', '.join(b.name for b in blocks)}), so no KV cache would hold its keys and values. A layer "
+            "that is no block (see modfx.plan and the warnings of modfx.transform) cannot be decoded with caches; "
+            "sample by running the full sequence in predictor routing (modfx.set_routing(mod, 'predictor'))."
+        )
     fake_mode = fake_mode_of(graph)
     last_ph = graph.find_nodes(op="placeholder")[-1]
     out = graph.output_node()
