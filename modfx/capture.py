@@ -151,7 +151,8 @@ def _mark_causal_tables(gm: GraphModule) -> None:
             t = operator.attrgetter(n.target)(gm)
         except AttributeError:
             continue
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and not t.requires_grad and _is_causal_table(t):
+        learnable = isinstance(t, nn.Parameter) or getattr(t, "requires_grad", False)  # may stop being causal
+        if isinstance(t, torch.Tensor) and not learnable and _is_causal_table(t):
             n.meta["modfx_causal_table"] = True
 
 

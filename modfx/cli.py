@@ -330,11 +330,12 @@ def bench(args) -> dict:
     for m in (model, mod):
         m.train(args.backward)
     kind = "fwd+bwd" if args.backward else "forward"
-    flop, k = {}, None
+    flop, k = {}, {}
     for name, m in (("dense", model), ("MoD", mod)):
         log(f"counting FLOPs ({name})")
         r = modfx.flops(m, inputs[0], example_kwargs=inputs[1])
-        flop[name], k = (r.train_at if args.backward else r.total_at), r.at.get("k", k)
+        flop[name] = r.train_at if args.backward else r.total_at
+        k = {n: int(v) for n, v in r.at.items() if n == "k" or n.startswith("k_")} or k  # one per routed stack
     breaks = {}
     for name, m in (("dense", model), ("MoD", mod)):  # before compiling: explain resets dynamo
         log(f"counting graph breaks ({name}, torch._dynamo.explain)")
@@ -390,7 +391,7 @@ def bench(args) -> dict:
         "command": "modfx " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "config": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
         "model": model_name(args), "timed": kind, "mode": "train" if args.backward else "eval + no_grad",
-        "k": None if k is None else int(k), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
+        "k": k.get("k", k or None), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
         "transform_s": transform_s, "memory": memory_method(args.device), "loadavg_1_5_15min_at_start": load_start,
         "rows": rows, "versions": versions(args), "machine": machine(),
     }
@@ -438,7 +439,7 @@ def bench_table(res: dict) -> str:
                "speedup vs dense compiled", "fraction of ideal", "compile s", "peak MiB", "graph breaks"]
     c = res["config"]
     head = (f"modfx bench: {res['model']}, B={c['batch']} S={c['seq']} {c['dtype']} {c['device']}, "
-            f"{res['timed']} ({res['mode']}), capacity {c['capacity']} (k={res['k']}), "
+            f"{res['timed']} ({res['mode']}), capacity {c['capacity']} ({_ks(res['k'])}), "
             f"{len(res['routed_blocks'])}/{res['n_blocks']} blocks routed, transform {res['transform_s']:.1f} s")
     foot = (f"median of {c['repeat']} (variants interleaved) after {c['warmup']} warmup, {res['machine']['torch_threads']} threads\n"
             f"compile s = first call (Inductor caches {'on' if c['cache'] else 'off'}) minus one median step\n"
@@ -446,6 +447,11 @@ def bench_table(res: dict) -> str:
     load = (f"\nload average (1 min) {res['loadavg_1_5_15min_at_start'][0]:.2f} at start, "
             f"{res['machine']['loadavg_1_5_15min_at_end'][0]:.2f} at end on {res['machine']['cpu_count']} CPUs")
     return f"{head}\n{tabulate(rows, headers=headers, disable_numparse=True)}\n{foot}{load}"
+
+
+def _ks(k) -> str:
+    """k=16, or k_input_ids=64, k_decoder_input_ids=64 with one routed stack per input."""
+    return ", ".join(f"{n}={v}" for n, v in k.items()) if isinstance(k, dict) else f"k={k}"
 
 
 def _num(x: float) -> str:
