@@ -316,11 +316,20 @@ def test_a_float_causal_mask_sliced_by_the_length_routes_like_the_model_on_the_c
         torch.testing.assert_close(mod(ids), x, rtol=1e-5, atol=1e-5)
 
 
-def test_a_position_table_sliced_by_the_length_is_still_refused(ids):
+DISTANCE = torch.arange(128)[None, :] - torch.arange(128)[:, None]  # [N, N]: j - i
+TABLES = {  # entries that depend on the positions, not only on causality
+    "float distances (ALiBi-like)": DISTANCE.float(),
+    "int distances (relative-position ids)": DISTANCE,
+    "bool sliding window": (DISTANCE <= 0) & (DISTANCE > -8),
+}
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_a_position_table_sliced_by_the_length_is_still_refused(ids, table):
     torch.manual_seed(0)
     model = LambdaMLPs(MinGPTBlock).eval()
-    for block in model.h:  # ALiBi-like: entries that depend on the distance, not only on causality
-        block.attn.bias.copy_(torch.arange(128.0)[None, :] - torch.arange(128.0)[:, None])
+    for block in model.h:
+        block.attn.bias = TABLES[table].view(1, 1, 128, 128).clone()
     with pytest.raises(modfx.ModfxError, match="slices a position table"):
         modfx.transform(model, (ids,))
 

@@ -316,8 +316,8 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
         if _reads_table_by_length(n, s_expr):
             raise ModfxError(
                 f"block {path}: node {n.name} slices a position table ({n.args[0].name}, shape "
-                f"{list(n.args[0].meta['val'].shape)}) by the sequence length inside the block (e.g. ALiBi biases "
-                "or a RoPE cache). After routing the block sees only k tokens, so it would read the entries of "
+                f"{list(n.args[0].meta['val'].shape)}) by the sequence length inside the block (e.g. ALiBi biases, "
+                "a RoPE cache, relative-position ids, a sliding-window mask). After routing the block sees only k tokens, so it would read the entries of "
                 "positions 0..k-1 (compacted), not of the chosen tokens. Slice or gather the table outside the "
                 "blocks and pass it in."
             )
@@ -325,13 +325,14 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
 
 
 def _reads_table_by_length(n: Node, s_expr: sympy.Expr) -> bool:
-    """A float tensor sliced, along an axis whose length does not follow S, with bounds that do:
-    table[..., S_max - S:] reads positions. (Causal masks, bool or float, stay right on compacted tokens:
-    the chosen tokens keep their order.)"""
+    """A tensor sliced, along an axis whose length does not follow S, with bounds that do: table[..., S_max -
+    S:] reads positions (ALiBi biases, a RoPE cache, relative-position ids, a sliding-window mask). Causal
+    tables, bool or float, stay right on compacted tokens (the chosen tokens keep their order): capture.py
+    tags them, and they pass."""
     if n.target is not aten.slice.Tensor or not isinstance(n.args[0], Node):
         return False
     src, dim = n.args[0].meta.get("val"), (n.args[1] if len(n.args) > 1 else 0)
-    if not isinstance(src, torch.Tensor) or not src.is_floating_point():
+    if not isinstance(src, torch.Tensor):
         return False
     seq = s_expr.free_symbols
 
