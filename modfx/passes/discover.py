@@ -202,12 +202,12 @@ def adopt_loop_bodies(graph: Graph) -> None:
             bodies[v].append(n)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for v, under in bodies.items():
-        calls: dict[str, set] = defaultdict(set)  # child path -> its calls' stack keys
+        runs: dict[str, set] = defaultdict(set)  # child path -> the stack keys of its calls
         for n in under:
             for key, (p, _) in n.meta["nn_module_stack"].items():
                 if p.startswith(v + ".") and "." not in p[len(v) + 1:]:
-                    calls[p].add(key)
-        if calls and min(map(len, calls.values())) > 1:
+                    runs[p].add(key)
+        if runs and min(map(len, runs.values())) > 1:
             continue  # every child runs repeatedly: the iterations would merge into one region
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
