@@ -149,6 +149,14 @@ def eager_mod(x, w, capacity, block, *side):
     return x.scatter(1, at, xg + r.gather(1, idx[..., None]) * (block(xg, *(t.gather(1, at) for t in side)) - xg))
 
 
+def inline_pair(attn, ff):
+    """The layer LoopOfPairs writes inline, as a function of x."""
+    def layer(x):
+        h = attn(x) + x
+        return ff(h) + h
+    return layer
+
+
 def router(mod, name):
     return mod.get_submodule(f"{name}.mod_router").weight
 
@@ -179,9 +187,7 @@ def test_routed_inline_layers_equal_a_hand_written_eager_reference(ids):
     with torch.no_grad():
         x = model.emb(ids)
         for i, (attn, ff) in enumerate(model.layers):
-            def layer(x, attn=attn, ff=ff):
-                h = attn(x) + x
-                return ff(h) + h
+            layer = inline_pair(attn, ff)
             x = eager_mod(x, router(mod, f"layers.{i}"), 0.125, layer) if i % 2 else layer(x)
         torch.testing.assert_close(mod(ids), model.head(model.norm(x)), rtol=1e-5, atol=1e-5)
 
@@ -408,9 +414,7 @@ def test_caller_adds_of_no_layer_run_on_every_token(ids):
     with torch.no_grad():
         x = model.emb(ids)
         for i, (attn, ff) in enumerate(model.layers):
-            def layer(x, attn=attn, ff=ff):
-                h = attn(x) + x
-                return ff(h) + h
+            layer = inline_pair(attn, ff)
             x = x + model.shift  # on every token
             x = eager_mod(x, router(mod, f"layers.{i}"), 0.25, layer) if i % 2 else layer(x)
         torch.testing.assert_close(mod(ids), model.head(model.norm(x + model.final_bias)), rtol=1e-5, atol=1e-5)
