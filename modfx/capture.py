@@ -26,14 +26,15 @@ class Capture:
     modules: dict[bool, GraphModule]  # the unlifted modules the graphs came from (own the weights)
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
-    seq_expr: sympy.Expr | None  # length of the routed blocks' token axis (a symbol when dynamic)
+    seq_exprs: tuple  # length of each routed stack's token axis (a symbol when dynamic), one per token_input
     example_inputs: tuple[tuple, dict]
     twin: nn.Module  # the private copy that was exported; shares its parameters with the graphs
     specialised: frozenset = frozenset()  # (input, axis): dynamic in the export spec, a number in the graph
-    seq_exprs: tuple = ()  # one per routed stack (MoDConfig.token_input a tuple); seq_expr is the first
 
-    def __post_init__(self):
-        self.seq_exprs = self.seq_exprs or (self.seq_expr,)
+    @property
+    def seq_expr(self) -> sympy.Expr | None:
+        """The first routed stack's token-axis length (the only one unless token_input names several)."""
+        return self.seq_exprs[0]
 
 
 def specialised_axes(graph: Graph) -> frozenset:
@@ -226,9 +227,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
         modules,
         modules[first]._in_spec,
         modules[first]._out_spec,
-        seqs[0],
+        seqs,
         (args, kwargs),
         twin,
         specialised_axes(modules[first].graph),
-        seqs,
     )

@@ -330,12 +330,12 @@ def bench(args) -> dict:
     for m in (model, mod):
         m.train(args.backward)
     kind = "fwd+bwd" if args.backward else "forward"
-    flop, k = {}, {}
+    flop = {}
     for name, m in (("dense", model), ("MoD", mod)):
         log(f"counting FLOPs ({name})")
         r = modfx.flops(m, inputs[0], example_kwargs=inputs[1])
         flop[name] = r.train_at if args.backward else r.total_at
-        k = {n: int(v) for n, v in r.at.items() if n == "k" or n.startswith("k_")} or k  # one per routed stack
+    ks = {n: int(v) for n, v in r.at.items() if n == "k" or n.startswith("k_")}  # the MoD's: k, or one per stack
     breaks = {}
     for name, m in (("dense", model), ("MoD", mod)):  # before compiling: explain resets dynamo
         log(f"counting graph breaks ({name}, torch._dynamo.explain)")
@@ -391,7 +391,7 @@ def bench(args) -> dict:
         "command": "modfx " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "config": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
         "model": model_name(args), "timed": kind, "mode": "train" if args.backward else "eval + no_grad",
-        "k": k.get("k", k or None), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
+        "k": ks.get("k", ks or None), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
         "transform_s": transform_s, "memory": memory_method(args.device), "loadavg_1_5_15min_at_start": load_start,
         "rows": rows, "versions": versions(args), "machine": machine(),
     }

@@ -54,13 +54,11 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             "use every=1 (CLI: --every 1) or name the blocks to route with blocks=(...)"
         )
     real = input_named(graph, config.padding_mask, "padding_mask") if config.padding_mask else None  # [B, S], 0 = padding
-    if real is not None and isinstance(seq_expr, tuple) and len(seq_expr) > 1:  # the mask of one stack's tokens
+    masked = set(routed)  # the blocks the mask applies to: with several stacks, the one over its tokens (if
+    if real is not None:  # none is, every routed block, and the first refuses the mask, with the shapes)
         v = real.meta.get("val")
         tokens = expr(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() == 2 else None
-        over = {b.index for b in blocks if b.index in routed and tokens == b.seq_expr}
-        masked = over or {routed[0]}  # none: the first routed block refuses the mask, with the shapes
-    else:
-        masked = set(routed)
+        masked = {i for i in routed if blocks[i].seq_expr == tokens} or masked
     stats = []
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     outputs = {}
@@ -86,7 +84,8 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                 fuse_router_predictor(graph, root, block, r)
         elif mode == "predictor":
             mask = real if block.index in masked else None
-            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting, mask)
+            new_out, block_stats = route_predictor(graph, root, block, r, config.predictor_hidden, config.weighting,
+                                                   mask)
             stats.append(block_stats)
         else:
             raise ValueError(mode)

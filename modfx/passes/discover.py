@@ -200,7 +200,8 @@ def adopt_loop_bodies(graph: Graph) -> None:
     for n in calls:
         for v in dict.fromkeys(a for p in module_paths(n) for a in _indexed_ancestors(p) if a not in called):
             bodies[v].append(n)
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)  # (adoption changes only stacks, never the graph)
+    order = {n: i for i, n in enumerate(nodes)}
     for v, under in bodies.items():
         runs: dict[str, set] = defaultdict(set)  # child path -> the stack keys of its calls
         for n in under:
@@ -211,15 +212,19 @@ def adopt_loop_bodies(graph: Graph) -> None:
             continue  # every child runs repeatedly: the iterations would merge into one region
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
-        for n in list(graph.nodes)[lo:]:
-            in_caller = n.op == "call_function" and all(p == "" or v.startswith(p + ".") for p in module_paths(n))
-            if order[n] > hi and n.op == "call_function" and not in_caller:
-                break  # the next module call ends the residual chain
-            if n in region or not in_caller or not any(a in region for a in n.all_input_nodes):
+        in_caller = lambda n: n.op == "call_function" and all(_within(v, p) for p in module_paths(n))  # noqa: E731
+        for n in nodes[lo:hi]:  # the caller's nodes inside the span that read the layer
+            if in_caller(n) and any(a in region for a in n.all_input_nodes):
+                region.add(n)
+        read = {a for r in region for a in r.all_input_nodes}  # the layer's input x among them
+        for n in nodes[hi + 1:]:  # the residual chain after it, up to the next module call
+            if n.op != "call_function":
                 continue
-            read = {a for r in region for a in r.all_input_nodes}
-            chain = n.target in _ADDS | _IDENTITY_OPS and all(a in region or a in read for a in n.all_input_nodes)
-            if order[n] < hi or chain:
+            if not in_caller(n):
+                break
+            inputs = n.all_input_nodes
+            borrowed = all(a in region or a in read for a in inputs)  # no value of its own (a head's bias)
+            if n.target in _ADDS | _IDENTITY_OPS and any(a in region for a in inputs) and borrowed:
                 region.add(n)
         for n in region:
             stack = n.meta.get("nn_module_stack") or {}
@@ -317,9 +322,9 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
             raise ModfxError(
                 f"block {path}: node {n.name} slices a position table ({n.args[0].name}, shape "
                 f"{list(n.args[0].meta['val'].shape)}) by the sequence length inside the block (e.g. ALiBi biases, "
-                "a RoPE cache, relative-position ids, a sliding-window mask). After routing the block sees only k tokens, so it would read the entries of "
-                "positions 0..k-1 (compacted), not of the chosen tokens. Slice or gather the table outside the "
-                "blocks and pass it in."
+                "a RoPE cache, relative-position ids, a sliding-window mask). After routing the block sees only k "
+                "tokens, so it would read the entries of positions 0..k-1 (compacted), not of the chosen tokens. "
+                "Slice or gather the table outside the blocks and pass it in."
             )
     return Block(path, index, nodes, x, out, seq_axis, batch_axis, s_expr, side, syms, terms, stack)
 

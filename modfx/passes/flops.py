@@ -265,7 +265,7 @@ class Names:
         """`seq`: the routed blocks' token-axis length (Capture.seq_expr), or a tuple of them, one per routed
         stack (Capture.seq_exprs); default: the first input's."""
         pos = dict(integer=True, positive=True)
-        table = {}
+        table, stack_input = {}, {}  # raw expression -> pretty symbol; raw S of a routed stack -> its input
         seqs = seq if isinstance(seq, tuple) else (seq,)
         seqs = [token_axis_length(graph) if s is None else s for s in seqs]  # axis 1 of the inputs, or 0 sequence-first
         seqs = [s for s in seqs if s is not None and s.is_Symbol]
@@ -279,7 +279,7 @@ class Names:
             if i == 0 and batch.is_Symbol:
                 table[batch] = sympy.Symbol("B", **pos)
             table[s] = sympy.Symbol("S" if len(seqs) == 1 else f"S_{tokens.name}", **pos)
-        named_seqs = tuple(table[s] for s in seqs if s in table)
+            stack_input[s] = tokens.name
         for ph in placeholders:  # another sequence (an encoder's, when the decoder is routed): S_<input>
             shape = shape_exprs(ph)
             if shape and len(shape) >= 2 and shape[1].is_Symbol and shape[1] not in table:
@@ -292,12 +292,13 @@ class Names:
                 k[b] = expr(count.meta["val"] if isinstance(count, Node) else count)
                 length[b] = shape_exprs(n.args[0])[1]
         distinct = {e for e in k.values() if not e.is_Symbol and e.free_symbols}
-        by_seq = {e: [table[s].name[2:] for s in e.free_symbols if table.get(s) in named_seqs] for e in distinct}
-        per_stack = len(named_seqs) > 1 and len(distinct) == len(named_seqs) and all(len(v) == 1 for v in by_seq.values())
+        of_stack = {e: [stack_input[s] for s in e.free_symbols if s in stack_input] for e in distinct}
+        per_stack = len(stack_input) > 1 and len(distinct) == len(stack_input)
+        per_stack = per_stack and all(len(v) == 1 for v in of_stack.values())
         for b, e in k.items():
             if e in distinct:
                 index = list(blocks).index(b) if b in blocks else b
-                name = "k" if len(distinct) == 1 else f"k_{by_seq[e][0]}" if per_stack else f"k_{index}"
+                name = "k" if len(distinct) == 1 else f"k_{of_stack[e][0]}" if per_stack else f"k_{index}"
                 table[e] = sympy.Symbol(name, **pos)
         try:
             env = fake_mode_of(graph).shape_env
@@ -306,7 +307,7 @@ class Names:
             hints = {s: int(v) for s, v in vals.items()}
         except (RuntimeError, AttributeError):
             hints = {}
-        return Names(table, hints, named_seqs, k, length)
+        return Names(table, hints, tuple(table[s] for s in stack_input), k, length)
 
 
 # --- budget check -------------------------------------------------------------------------------

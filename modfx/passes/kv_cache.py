@@ -49,7 +49,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ModfxError
 from .discover import Block
-from .graph_utils import aten, call, emit_sym_expr, erase_unused, fake_mode_of, module_paths, op_arg, run_fake, shape_exprs
+from .graph_utils import (aten, call, emit_sym_expr, erase_unused, fake_mode_of, module_paths, op_arg, run_fake,
+                          shape_exprs)
 from .predictor import _ATTENTION, predictor_logits, token_softmaxes
 from .route_topk import _weighted, contribution, size
 from .router import insert_router

@@ -33,7 +33,6 @@ Contract: requires a routed block and its router node; the predictor MLP is regi
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.fx import Graph, Node
