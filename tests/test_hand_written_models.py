@@ -420,6 +420,36 @@ def test_caller_adds_of_no_layer_run_on_every_token(ids):
         torch.testing.assert_close(mod(ids), model.head(model.norm(x + model.final_bias)), rtol=1e-5, atol=1e-5)
 
 
+class SharedDropoutPairs(LoopOfPairs):
+    """One dropout module of the caller's, shared by every iteration and used again after the loop."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.drop = nn.Dropout(p)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for attn, ff in self.layers:
+            x = x + self.drop(attn(x))
+            x = x + self.drop(ff(x))
+        return self.head(self.norm(self.drop(x)))
+
+
+def test_a_module_the_caller_shares_across_iterations_belongs_to_each_inline_layer(ids):
+    torch.manual_seed(0)
+    model = SharedDropoutPairs().eval()
+    assert [b.name for b in modfx.plan(modfx.transform(model, (ids,))).blocks] == [f"layers.{i}" for i in range(L)]
+    one = modfx.transform(model, (ids,), capacity=1.0, weighting="none", predictor=False)
+    torch.testing.assert_close(one(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_module_called_after_the_loop_runs_on_every_token(ids):
+    torch.manual_seed(0)
+    model = SharedDropoutPairs(p=1.0).train()  # every dropout zeroes: x stays the embedding, the head sees zeros
+    mod = modfx.transform(model, (ids,), capacity=0.25).train()  # the last layer is routed
+    torch.testing.assert_close(mod(ids), model(ids), rtol=0, atol=0)
+
+
 class OneLayerApplied(LoopOfPairs):
     def forward(self, ids):
         x = self.emb(ids)

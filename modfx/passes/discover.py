@@ -191,11 +191,18 @@ def adopt_loop_bodies(graph: Graph) -> None:
     Its region is its descendants' nodes, plus the caller's nodes between the first and the last of them
     that read them, plus the residual chain right after them: adds and identity ops of the caller that read
     only the region and the values the region reads (its input x), not a value of their own (a head's bias,
-    the next iteration's `x + pos`). These nodes get the layer's path on their nn_module_stack, so
-    discovery, the FLOP pass and new nodes treat the layer as a module. Not adopted: a path all of whose
-    children run more than once (one layer applied repeatedly: export numbers the later calls `@1`, ...)."""
+    the next iteration's `x + pos`). A module of the caller that every iteration shares (`x + self.drop(ff(x))`:
+    a module called more than once, outside any indexed list) counts as the caller's where it reads the
+    region, and in the chain where an adopted add reads it. These nodes get the layer's path on their
+    nn_module_stack (a shared module's entry below it), so discovery, the FLOP pass and new nodes treat the
+    layer as a module. Not adopted: a path all of whose children run more than once (one layer applied
+    repeatedly: export numbers the later calls `@1`, ...)."""
     calls = [n for n in graph.nodes if n.op == "call_function"]
     called = {p for n in calls for p in module_paths(n)}
+    keys: dict[str, set] = defaultdict(set)  # module path -> the stack keys of its calls
+    for n in calls:
+        for key, (p, _) in n.meta["nn_module_stack"].items():
+            keys[p].add(key)
     bodies: dict[str, list[Node]] = defaultdict(list)
     for n in calls:
         for v in dict.fromkeys(a for p in module_paths(n) for a in _indexed_ancestors(p) if a not in called):
@@ -203,34 +210,50 @@ def adopt_loop_bodies(graph: Graph) -> None:
     nodes = list(graph.nodes)  # (adoption changes only stacks, never the graph)
     order = {n: i for i, n in enumerate(nodes)}
     for v, under in bodies.items():
-        runs: dict[str, set] = defaultdict(set)  # child path -> the stack keys of its calls
-        for n in under:
-            for key, (p, _) in n.meta["nn_module_stack"].items():
-                if p.startswith(v + ".") and "." not in p[len(v) + 1:]:
-                    runs[p].add(key)
+        runs = {p: k for p, k in keys.items() if p.startswith(v + ".") and "." not in p[len(v) + 1:]}
         if runs and min(map(len, runs.values())) > 1:
             continue  # every child runs repeatedly: the iterations would merge into one region
+        caller = lambda p: _within(v, p) and p != v  # noqa: E731  (the root, the module that runs the loop)
+        shared = lambda p: not caller(p) and len(keys[p]) > 1 and not _INDEXED.match(p) and not any(  # noqa: E731
+            _indexed_ancestors(p))
+        in_caller = lambda n: n.op == "call_function" and all(caller(p) for p in module_paths(n))  # noqa: E731
+        in_shared = lambda n: n.op == "call_function" and all(caller(p) or shared(p) for p in module_paths(n))  # noqa: E731
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
-        in_caller = lambda n: n.op == "call_function" and all(_within(v, p) for p in module_paths(n))  # noqa: E731
         for n in nodes[lo:hi]:  # the caller's nodes inside the span that read the layer
-            if in_caller(n) and any(a in region for a in n.all_input_nodes):
+            if in_shared(n) and any(a in region for a in n.all_input_nodes):
                 region.add(n)
         read = {a for r in region for a in r.all_input_nodes}  # the layer's input x among them
+        pending: set[Node] = set()  # nodes of a shared module after the span, kept if an adopted add reads them
         for n in nodes[hi + 1:]:  # the residual chain after it, up to the next module call
             if n.op != "call_function":
                 continue
-            if not in_caller(n):
-                break
             inputs = n.all_input_nodes
-            borrowed = all(a in region or a in read for a in inputs)  # no value of its own (a head's bias)
-            if n.target in _ADDS | _IDENTITY_OPS and any(a in region for a in inputs) and borrowed:
+            if not in_caller(n):
+                if in_shared(n) and inputs and all(a in region or a in pending for a in inputs):
+                    pending.add(n)
+                    continue
+                break
+            borrowed = all(a in region or a in read or a in pending for a in inputs)  # no value of its own
+            if n.target in _ADDS | _IDENTITY_OPS and any(a in region or a in pending for a in inputs) and borrowed:
                 region.add(n)
+                region |= _ancestors_within(n, pending)
         for n in region:
             stack = n.meta.get("nn_module_stack") or {}
-            outer = {k: e for k, e in stack.items() if not _within(e[0], v)}
-            inner = {k: e for k, e in stack.items() if _within(e[0], v)}
+            outer = {k: e for k, e in stack.items() if caller(e[0])}
+            inner = {k: e for k, e in stack.items() if not caller(e[0])}
             n.meta["nn_module_stack"] = {**outer, f"modfx_loop_body:{v}": (v, "modfx.loop_body"), **inner}
+
+
+def _ancestors_within(n: Node, among: set[Node]) -> set[Node]:
+    """The nodes of `among` that `n` reads, directly or through others of them."""
+    found, todo = set(), [a for a in n.all_input_nodes if a in among]
+    while todo:
+        a = todo.pop()
+        if a not in found:
+            found.add(a)
+            todo += [b for b in a.all_input_nodes if b in among]
+    return found
 
 
 def _indexed_ancestors(path: str):
