@@ -22,6 +22,7 @@ from .module import MoDModule, program
 from .passes import run_pipeline
 from .passes.discover import find_blocks
 from .passes.graph_utils import input_over, module_paths, op_arg
+from .passes.decode_positions import positions_from_input
 from .passes.kv_cache import DecodeSignature, expose_prefill, rewrite_decode
 from .passes.predictor import _ATTENTION
 
@@ -32,7 +33,7 @@ class Decoder:
     decode: object  # program(mod, ids, pos, *caches) -> user outputs, (k, v) per attention op, sel per routed
     sig: DecodeSignature
     n_stats: int
-    pos_name: str
+    pos_name: str | None  # None: the model numbers its tokens itself, and the rows share positions
     out_spec: object  # output structure of both programs' user outputs
     prompt_graph: GraphModule  # the captured prompt graph, unrewritten: probed for its attention masks
     causal_upto: int = 0  # the length up to which every attention mask was found plainly causal
@@ -44,17 +45,21 @@ def _copy(graph):
         return copy.deepcopy(graph)
 
 
-def _positions_arg(model) -> str:
-    """The forward parameter that takes absolute token positions (e.g. `input_pos`, `position_ids`)."""
+def _position_params(model) -> tuple[list[str], list[str]]:
+    """(forward parameters that take absolute token positions, e.g. `input_pos` or `position_ids`; those
+    that take one int offset, e.g. Meta Llama's `start_pos`)."""
     params = [p for p in inspect.signature(model.forward).parameters.values() if "pos" in p.name]
     offsets = [p.name for p in params if p.annotation in (int, "int") or type(p.default) is int]
-    for p in params:
-        if p.name not in offsets:
-            return p.name
+    return [p.name for p in params if p.name not in offsets], offsets
+
+
+def _no_positions(model) -> ModfxError:
+    offsets = _position_params(model)[1]
     offset = f" ({', '.join(offsets)} takes one int offset, not a position per token)" if offsets else ""
-    raise ModfxError(
+    return ModfxError(
         f"generate needs {type(model).__name__}.forward to accept token positions (a parameter such as "
-        f"`input_pos` or `position_ids`, a tensor [B, S]){offset}, so that a decoded token gets its true position"
+        f"`input_pos` or `position_ids`, a tensor [B, S]){offset}, or to number its tokens with "
+        "`torch.arange(S)`, so that a decoded token gets its true position"
     )
 
 
@@ -101,11 +106,14 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
         mod.adopt_attrs(pre.modules[False], g)
         prefill = program(mod, g)
 
-        pos_name = _positions_arg(twin)
+        pos_name = next(iter(_position_params(twin)[0]), None)  # None: see passes/decode_positions.py
         dev = ids.device
         ids = torch.zeros((2, 3), dtype=ids.dtype, device=dev)
-        dec = capture(twin, (ids,), {pos_name: torch.arange(3, device=dev).expand(2, 3)}, copy_model=False)
+        given = {pos_name: torch.arange(3, device=dev).expand(2, 3)} if pos_name else {}
+        dec = capture(twin, (ids,), given, copy_model=False)
         dg = _copy(dec.graphs[False])
+        if pos_name is None and not positions_from_input(dg, dec.seq_expr):
+            raise _no_positions(twin)
         blocks = find_blocks(dg, dec.seq_expr)
         routed = () if dense else config.routed(len(blocks))
         sig = rewrite_decode(dg, mod, blocks, routed, config)
@@ -236,6 +244,12 @@ def generate(mod: MoDModule, input_ids: torch.Tensor, max_new_tokens: int, *, at
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ModfxError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
     dec = decoder(mod, dense)
+    if dec.pos_name is None and bool((n_real != n_real[0]).any()):
+        raise ModfxError(
+            f"{type(mod.modfx_capture.twin).__name__} numbers its tokens itself (arange), so the rows of a decode "
+            f"step share their positions, but these prompts have {sorted(set(n_real.tolist()))} real tokens: "
+            "generate prompts of one length together, or give forward a positions parameter (e.g. `input_pos`)"
+        )
     _check_causal_masks(dec, input_ids.shape[1] + max_new_tokens, input_ids.device)
     n_out = dec.out_spec.num_leaves
     B, P = input_ids.shape

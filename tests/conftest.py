@@ -9,6 +9,9 @@ settings.register_profile("ci", max_examples=int(os.environ.get("MODFX_FUZZ_EXAM
                           derandomize=not os.environ.get("MODFX_FUZZ_RANDOM"))
 settings.load_profile("ci")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, no oversubscription
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

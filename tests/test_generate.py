@@ -5,7 +5,7 @@ import torch
 
 import modfx
 from modfx.generate import decoder
-from modfx.models import llama
+from modfx.models import gpt, llama
 from modfx.models.common import rope_at
 
 V, P, N = 64, 12, 8
@@ -254,20 +254,51 @@ def test_a_padding_mask_without_real_tokens_or_of_another_shape_is_refused():
 
 
 class OffsetPositions(torch.nn.Module):
-    """Meta's Llama signature: `start_pos` is one int offset, not a position per token."""
+    """Meta's Llama signature: `start_pos` is one int offset, not a position per token; the model slices
+    its position table by it (no arange to number the tokens)."""
 
     def __init__(self):
         super().__init__()
         self.model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64))
+        self.register_buffer("positions", torch.arange(64))
 
     def forward(self, tokens, start_pos: int = 0):
-        return self.model(tokens)
+        return self.model(tokens, self.positions[start_pos:start_pos + tokens.shape[1]])
 
 
 def test_an_int_offset_is_not_taken_for_token_positions():
     mod = modfx.transform(OffsetPositions(), (torch.randint(0, 64, (2, 16)),))
     with pytest.raises(modfx.ModfxError, match=r"start_pos takes one int offset, not a position per token"):
         modfx.generate(mod, torch.randint(0, 64, (1, 4)), 2)
+
+
+class NumbersItsTokens(torch.nn.Module):
+    """nanoGPT's signature: forward(idx) numbers the tokens itself (`pos = arange(S)`, learned positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = gpt.GPT(gpt.GPTConfig(n_layers=4, d_model=32, n_heads=4, vocab_size=V))
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+def test_a_model_that_numbers_its_tokens_itself_decodes_them_at_their_true_positions():
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(NumbersItsTokens().eval(), (ids,), capacity=0.25).eval()
+    got_ids, got_logits = modfx.generate(mod, ids, N, return_logits=True)
+    want_ids, want_logits = recompute(mod, ids, N)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+
+
+def test_prompts_of_different_lengths_for_a_model_that_numbers_its_tokens_are_refused():
+    mod = modfx.transform(NumbersItsTokens().eval(), (torch.randint(0, V, (2, P)),))
+    mask = torch.ones(2, P, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(modfx.ModfxError, match=r"numbers its tokens itself .* \[9, 12\] real tokens"):
+        modfx.generate(mod, torch.randint(0, V, (2, P)), 2, attention_mask=mask)
 
 
 class SkipBlock(llama.Block):
