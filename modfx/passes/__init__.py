@@ -10,6 +10,12 @@
     -> one GEMM for the ranking score and the predictor      passes/fuse_scores.py
     -> FLOP budget check                                     passes/flops.py (run by modfx.transform)
 
+`modfx.generate` builds its decode step from a capture of a few new tokens:
+
+    capture -> token positions from an input (models that number their tokens with arange)
+                                                             passes/decode_positions.py
+    -> discover blocks -> KV caches, skipped blocks run nothing              passes/kv_cache.py
+
 `run_pipeline` rewrites one captured graph in place for one routing mode; `modfx.transform` runs it for
 every graph variant (train/eval capture x top-k/predictor routing), sharing the routers' parameters.
 """
