@@ -435,14 +435,6 @@ class SharedDropoutPairs(LoopOfPairs):
         return self.head(self.norm(self.drop(x)))
 
 
-def test_a_module_the_caller_shares_across_iterations_belongs_to_each_inline_layer(ids):
-    torch.manual_seed(0)
-    model = SharedDropoutPairs().eval()
-    assert [b.name for b in modfx.plan(modfx.transform(model, (ids,))).blocks] == [f"layers.{i}" for i in range(L)]
-    one = modfx.transform(model, (ids,), capacity=1.0, weighting="none", predictor=False)
-    torch.testing.assert_close(one(ids), model(ids), rtol=1e-5, atol=1e-5)
-
-
 def test_a_shared_module_called_after_the_loop_runs_on_every_token(ids):
     torch.manual_seed(0)
     model = SharedDropoutPairs(p=1.0).train()  # every dropout zeroes: x stays the embedding, the head sees zeros
@@ -504,8 +496,8 @@ class SharedNormPairs(LoopOfPairs):
         return self.head(self.norm(x))
 
 
-@pytest.mark.parametrize("cls", [ResidualWrappedPairs, SharedNormPairs])
-def test_every_inline_layer_is_a_block_whatever_its_sublayers_do(cls, ids):
+@pytest.mark.parametrize("cls", [ResidualWrappedPairs, SharedNormPairs, SharedDropoutPairs])
+def test_every_inline_layer_is_a_block_whatever_its_sublayers_and_its_caller_share(cls, ids):
     torch.manual_seed(0)
     model = cls().eval()
     assert [b.name for b in modfx.plan(modfx.transform(model, (ids,))).blocks] == [f"layers.{i}" for i in range(L)]
