@@ -139,6 +139,7 @@ class MoDModule(nn.Module):
                 "example, or transform again with example inputs of the structure you will use"
             )
         self._check_sizes(flat)
+        self._check_guards(flat)
         key = (self._routing, self.training)
         outs = self._programs[key](self, *flat)
         n = self._n_outputs
@@ -170,6 +171,26 @@ class MoDModule(nn.Module):
         if set(named) != {*wanted, *self._kw_order}:
             return args, kwargs
         return tuple(named[n] for n in wanted), {k: named[k] for k in self._kw_order}
+
+    def _check_guards(self, flat: list) -> None:
+        """The conditions on input shapes that the model's code relied on at capture (export's input
+        guards: a branch on `S % 8 == 0`, a length bound `S <= max_seq_len`); the graphs bake in the path
+        taken, so inputs that break one would silently run the wrong code."""
+        guards = getattr(self.modfx_capture.modules[self.training], "_guards_fn", None)
+        if guards is None:
+            return
+        if torch.compiler.is_compiling():
+            guards(*flat)  # traced: dynamo turns the conditions into its own guards
+            return
+        try:
+            guards(*flat)
+        except AssertionError as e:
+            raise ModfxError(
+                f"these inputs break a condition on input shapes that the model's code relied on when it was "
+                f"captured ({str(e).removeprefix('Guard failed: ')}): the transformed graphs contain only the path "
+                "the model took for the example, so they cannot run these inputs. Call it with inputs that meet "
+                "the condition, or transform again with an example that takes the path you need"
+            ) from None
 
     def _check_sizes(self, flat: list) -> None:
         """Static axes of the captured inputs (e.g. an image's height) are baked into the graph."""

@@ -141,6 +141,73 @@ def test_static_input_axis_of_another_size_says_to_transform_again():
         mod(torch.randn(2, 16, 9))
 
 
+class BranchOnLength(nn.Module):
+    """A branch on the input length (a fast path for multiples of 8): export keeps the path it took."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = small()
+
+    def forward(self, idx):
+        out = self.model(idx).logits
+        return out * 2 if idx.shape[1] % 8 == 0 else out
+
+
+def test_inputs_that_would_take_another_branch_on_their_shape_are_refused_not_run_on_the_captured_one():
+    model = BranchOnLength().eval()
+    mod = modfx.transform(model, (ids(2, 16),), capacity=1.0, weighting="none")
+    x = ids(3, 24)
+    torch.testing.assert_close(mod(x), model(x), rtol=0, atol=1e-5)
+    with pytest.raises(modfx.ModfxError, match=r"break a condition .* \(idx\.size\(\)\[1\] % 8 == 0\)"):
+        mod(ids(2, 20))
+
+
+def test_a_length_beyond_the_models_own_bound_is_refused():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=64))
+    mod = modfx.transform(model.eval(), (ids(),))  # RoPE tables of 64 rows, sliced by the length
+    with pytest.raises(modfx.ModfxError, match=r"idx\.size\(\)\[1\] <= 64"):
+        mod(ids(2, 65))
+
+
+def test_compiled_calls_that_would_take_another_branch_fail_rather_than_run_the_captured_one():
+    mod = modfx.transform(BranchOnLength().eval(), (ids(2, 16),))
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    x = ids(2, 24)
+    torch.testing.assert_close(compiled(x), mod(x))
+    with pytest.raises(Exception, match=r"Guard failed: idx\.size\(\)\[1\] % 8 == 0"):
+        compiled(ids(2, 20))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(16, 16, 1)
+
+    def forward(self, x):  # [B, D, S]
+        return x + self.conv(x)
+
+
+class ChannelsFirst(nn.Module):
+    """SqueezeBERT's layout: the hidden state is [B, D, S], its blocks 1x1 convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, 16)
+        self.layers = nn.ModuleList([ConvBlock() for _ in range(2)])
+
+    def forward(self, idx):
+        x = self.emb(idx).transpose(1, 2)  # [B, D, S]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_channels_first_hidden_state_is_refused_with_its_layout():
+    with pytest.raises(modfx.ModfxError, match=r"layers\.0: its hidden state .* tokens on its last axis .*\[B, D, S\]"):
+        modfx.transform(ChannelsFirst(), (ids(),))
+
+
 def test_to_bfloat16_recaptures_and_keeps_precision():
     model = small().eval()
     mod = modfx.transform(model, (ids(),), capacity=0.5)

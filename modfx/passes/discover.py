@@ -424,6 +424,9 @@ def _token_axes(shape, seq_expr, path):
     """(seq_axis, batch_axis, length expr) of a 3-D hidden state [B, S, D] or [S, B, D]."""
     if seq_expr is not None and seq_expr.free_symbols:
         axes = [i for i in (0, 1) if seq_expr.free_symbols & sympy.sympify(shape[i]).free_symbols]
+        if not axes and seq_expr.free_symbols & sympy.sympify(shape[2]).free_symbols:
+            raise _Invalid(f"{path}: its hidden state {tuple(shape)} has the tokens on its last axis (channels "
+                           "first, [B, D, S]); modfx routes hidden states laid out [B, S, D] or [S, B, D]")
         if not axes and any(sympy.sympify(d).free_symbols for d in shape[:2]):
             raise _OtherSequence(f"{path}: its hidden state {tuple(shape)} runs over another sequence than the "
                                  f"routed tokens ({seq_expr})")
