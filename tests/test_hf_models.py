@@ -693,14 +693,38 @@ MORE = {
                intermediate_size=128, image_size=16, patch_size=4, num_channels=3),
     "beit": hf("BeitModel", "BeitConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=128, image_size=16, patch_size=4, num_channels=3, drop_path_rate=0.0),
+    "gpt-bigcode": hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=V, n_embd=64, n_layer=2, n_head=4,
+                      n_positions=64, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      use_cache=False),
+    "xglm": hf("XGLMForCausalLM", "XGLMConfig", "eager", vocab_size=V, d_model=64, num_layers=2, attention_heads=4,
+               ffn_dim=128, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+               use_cache=False),
+    "biogpt": hf("BioGptForCausalLM", "BioGptConfig", **TEXT, **NODROP, use_cache=False),
+    "olmoe": hf("OlmoeForCausalLM", "OlmoeConfig", **TEXT, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                pad_token_id=0, use_cache=False),
+    "deepseek-v3": hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **TEXT, num_key_value_heads=4, n_routed_experts=4,
+                      num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=64, first_k_dense_replace=1,
+                      kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                      use_cache=False),
+    "helium": hf("HeliumForCausalLM", "HeliumConfig", **TEXT, num_key_value_heads=2, head_dim=16, use_cache=False),
+    "roformer": hf("RoFormerModel", "RoFormerConfig", "eager", **TEXT, **NODROP),
+    "xlm-roberta": hf("XLMRobertaModel", "XLMRobertaConfig", **TEXT, **NODROP, pad_token_id=0),
+    "mpnet": hf("MPNetModel", "MPNetConfig", "eager", **TEXT, **NODROP, pad_token_id=0),
+    "esm": hf("EsmModel", "EsmConfig", **TEXT, **NODROP, position_embedding_type="rotary", pad_token_id=0),
+    "dinov2": hf("Dinov2Model", "Dinov2Config", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 mlp_ratio=2, image_size=16, patch_size=4, num_channels=3),
+    # 16 patches, no CLS: the head dim must not also be 16 (a static length colliding with another size)
+    "siglip-vision": hf("SiglipVisionModel", "SiglipVisionConfig", hidden_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128, image_size=16, patch_size=4, num_channels=3),
 }
+IMAGES = ("deit", "beit", "dinov2", "siglip-vision")
 
 
 @pytest.mark.parametrize("name", list(MORE))
 def test_more_architectures_reproduce_at_capacity_one_and_run_routed(name):
     torch.manual_seed(0)
     model = MORE[name]().eval()
-    make = pixels if name in ("deit", "beit") else ids_of
+    make = pixels if name in IMAGES else ids_of
     inputs, other = make(), make(batch=3, seq=S + 5)
     dense = modfx.transform(model, example_kwargs=inputs, capacity=1.0, weighting="none", every=1, predictor=False)
     with torch.no_grad():
