@@ -1,11 +1,12 @@
 """Cold compile seconds of the first training step (forward + backward), dense vs MoD without and with
 the predictor, each compiled afresh (`torch._dynamo.reset()`, Inductor caches off), in interleaved rounds.
 
-    python benchmarks/compile_time.py [--layers 4] [--rounds 3] [--forward] [--cpp-wrapper] [--kernels]
+    python benchmarks/compile_time.py [--layers 4] [--rounds 3] [--forward] [--cpp-wrapper] [--dynamic] [--kernels]
 
 Prints the seconds per round and each variant's best round over dense's best round, then Inductor's
 aggregated phase times (`torch._dynamo.utils.compile_times`) for the whole run. --cpp-wrapper compiles
-with Inductor's C++ wrapper. --kernels then builds each variant's distinct C++ kernels one at a time
+with Inductor's C++ wrapper; --dynamic with dynamic shapes (`torch.compile(dynamic=True)`: sizes are kernel
+arguments, not constants, so kernels of different token counts can share one build). --kernels then builds each variant's distinct C++ kernels one at a time
 (each source made new, so no build is a cache hit) and prints their count and build seconds.
 """
 
@@ -33,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--forward", action="store_true", help="time the forward only (eval, no_grad)")
     ap.add_argument("--cpp-wrapper", action="store_true", help="compile with Inductor's C++ wrapper")
+    ap.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes")
     ap.add_argument("--kernels", action="store_true", help="also build each distinct C++ kernel alone, timed")
     args = ap.parse_args(argv)
     if args.kernels and args.cpp_wrapper:
@@ -48,7 +50,7 @@ def main(argv=None):
     for _ in range(args.rounds):
         for name, m in variants.items():
             torch._dynamo.reset()
-            step = _first_step(torch.compile(m), ids, args.forward)
+            step = _first_step(torch.compile(m, dynamic=args.dynamic or None), ids, args.forward)
             t = time.perf_counter()
             step()
             m.zero_grad(set_to_none=True)
@@ -59,7 +61,7 @@ def main(argv=None):
     print(compile_times(repr="str", aggregate=True))
     if args.kernels:
         for name, m in variants.items():
-            kernels = _kernel_build_seconds(m, ids, args.forward)
+            kernels = _kernel_build_seconds(m, ids, args.forward, args.dynamic)
             print(f"{name:18s} {len(kernels)} distinct C++ kernels, built one at a time: {sum(kernels):.1f} s in all, "
                   f"median {statistics.median(kernels):.2f} s, min {min(kernels):.2f} s, max {max(kernels):.2f} s")
 
@@ -74,13 +76,13 @@ def _first_step(compiled, ids, forward: bool):
     return step
 
 
-def _kernel_build_seconds(m, ids, forward: bool) -> list[float]:
+def _kernel_build_seconds(m, ids, forward: bool, dynamic: bool) -> list[float]:
     """Seconds to build each distinct C++ kernel of one compiled step, one at a time, uncached."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    _, codes = run_and_get_code(_first_step(torch.compile(m), ids, forward))
+    _, codes = run_and_get_code(_first_step(torch.compile(m, dynamic=dynamic or None), ids, forward))
     m.zero_grad(set_to_none=True)
     kernels = {}  # source with the kernel's name normalised -> (argument types, source)
     for code in codes:

@@ -220,17 +220,24 @@ def test_other_batch_and_sequence_lengths(built):
     assert main_output(case, run(case, mod, other)).shape == main_output(case, run(case, model, other)).shape
 
 
-def test_capacity_one_without_weighting_reproduces_the_model(built):
+@pytest.fixture(scope="module")
+def every_token(built):
+    """The same model transformed to route every block at capacity 1.0 without weighting."""
+    _, case, model, inputs, _ = built
+    return transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+
+
+def test_capacity_one_without_weighting_reproduces_the_model(built, every_token):
     name, case, model, inputs, _ = built
-    dense = transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    dense = every_token
     assert len(modfx.plan(dense).routed) == len(modfx.plan(dense).blocks)
     torch.testing.assert_close(main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs)),
                                rtol=1e-5, atol=2e-5)
 
 
-def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built):
+def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built, every_token):
     name, case, model, inputs, _ = built
-    dense = transform(case, model, inputs, capacity=1.0, weighting="none", every=1, predictor=False)
+    dense = every_token
     plain = plain_export(case, model, inputs) if case.reads_dtypes else None  # captured without autocast
     # grad mode stays on: under no_grad nn.TransformerEncoder takes its fused fast path, not the captured code
     with torch.autocast("cpu", dtype=torch.bfloat16):
