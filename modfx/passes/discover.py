@@ -40,7 +40,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..errors import ModfxError
-from .graph_utils import aten, module_paths, shape_exprs
+from .graph_utils import ancestors_within, aten, module_paths, shape_exprs
 
 _INDEXED = re.compile(r"^(?:(.*)\.)?(\d+)$")  # `layers.3`, or `3` of a model that is an nn.Sequential
 
@@ -213,15 +213,20 @@ def adopt_loop_bodies(graph: Graph) -> None:
         runs = {p: k for p, k in keys.items() if p.startswith(v + ".") and "." not in p[len(v) + 1:]}
         if runs and min(map(len, runs.values())) > 1:
             continue  # every child runs repeatedly: the iterations would merge into one region
-        caller = lambda p: _within(v, p) and p != v  # noqa: E731  (the root, the module that runs the loop)
-        shared = lambda p: not caller(p) and len(keys[p]) > 1 and not _INDEXED.match(p) and not any(  # noqa: E731
-            _indexed_ancestors(p))
-        in_caller = lambda n: n.op == "call_function" and all(caller(p) for p in module_paths(n))  # noqa: E731
-        in_shared = lambda n: n.op == "call_function" and all(caller(p) or shared(p) for p in module_paths(n))  # noqa: E731
+
+        def caller(p):  # the root, the module that runs the loop
+            return _within(v, p) and p != v
+
+        def shared(p):  # a module of the caller's called in every iteration
+            return caller(p) or (len(keys[p]) > 1 and not _INDEXED.match(p) and not any(_indexed_ancestors(p)))
+
+        def in_caller(n, of=caller):
+            return n.op == "call_function" and all(of(p) for p in module_paths(n))
+
         region = set(under)
         lo, hi = order[under[0]], order[under[-1]]
         for n in nodes[lo:hi]:  # the caller's nodes inside the span that read the layer
-            if in_shared(n) and any(a in region for a in n.all_input_nodes):
+            if in_caller(n, shared) and any(a in region for a in n.all_input_nodes):
                 region.add(n)
         read = {a for r in region for a in r.all_input_nodes}  # the layer's input x among them
         pending: set[Node] = set()  # nodes of a shared module after the span, kept if an adopted add reads them
@@ -230,30 +235,19 @@ def adopt_loop_bodies(graph: Graph) -> None:
                 continue
             inputs = n.all_input_nodes
             if not in_caller(n):
-                if in_shared(n) and inputs and all(a in region or a in pending for a in inputs):
+                if in_caller(n, shared) and inputs and all(a in region or a in pending for a in inputs):
                     pending.add(n)
                     continue
                 break
             borrowed = all(a in region or a in read or a in pending for a in inputs)  # no value of its own
             if n.target in _ADDS | _IDENTITY_OPS and any(a in region or a in pending for a in inputs) and borrowed:
                 region.add(n)
-                region |= _ancestors_within(n, pending)
+                region |= ancestors_within(n, pending)
         for n in region:
             stack = n.meta.get("nn_module_stack") or {}
             outer = {k: e for k, e in stack.items() if caller(e[0])}
             inner = {k: e for k, e in stack.items() if not caller(e[0])}
             n.meta["nn_module_stack"] = {**outer, f"modfx_loop_body:{v}": (v, "modfx.loop_body"), **inner}
-
-
-def _ancestors_within(n: Node, among: set[Node]) -> set[Node]:
-    """The nodes of `among` that `n` reads, directly or through others of them."""
-    found, todo = set(), [a for a in n.all_input_nodes if a in among]
-    while todo:
-        a = todo.pop()
-        if a not in found:
-            found.add(a)
-            todo += [b for b in a.all_input_nodes if b in among]
-    return found
 
 
 def _indexed_ancestors(path: str):

@@ -41,7 +41,8 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_map
 
 from ..errors import ModfxError
-from .graph_utils import aten, expr, fake_mode_of, input_over, module_paths, op_arg, shape_exprs, token_axis_length
+from .graph_utils import (ancestors_within, aten, expr, fake_mode_of, input_over, module_paths, op_arg, shape_exprs,
+                          token_axis_length)
 from .route_topk import chosen_count
 
 CAUSAL = sympy.Integer(1)  # factor on causal attention; Rational(1, 2) would halve it (torch does not)
@@ -176,15 +177,7 @@ def needs_grad(graph: Graph, root=None) -> set[Node]:
     """Nodes whose value needs a gradient: parameters (as `root` has them, else as captured) and
     floating results of differentiable ops on them, that reach an output through differentiable ops
     (a value read only through `detach`, such as a ranking score, gets no gradient)."""
-    depends = _depends_on_params(graph, root)
-    out: set[Node] = set()
-    todo = [a for a in graph.output_node().all_input_nodes if a in depends]
-    while todo:
-        n = todo.pop()
-        if n not in out:
-            out.add(n)
-            todo.extend(a for a in n.all_input_nodes if a in depends)
-    return out
+    return ancestors_within(graph.output_node(), _depends_on_params(graph, root))
 
 
 def _depends_on_params(graph: Graph, root) -> set[Node]:

@@ -101,6 +101,17 @@ def erase_unused(node: Node) -> None:
         todo.extend(inputs)
 
 
+def ancestors_within(n: Node, among: set[Node]) -> set[Node]:
+    """The nodes of `among` that `n` reads, directly or through others of them."""
+    found, todo = set(), [a for a in n.all_input_nodes if a in among]
+    while todo:
+        a = todo.pop()
+        if a not in found:
+            found.add(a)
+            todo += [b for b in a.all_input_nodes if b in among]
+    return found
+
+
 def shape_exprs(node: Node) -> tuple[sympy.Expr, ...] | None:
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
