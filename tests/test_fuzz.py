@@ -58,9 +58,10 @@ def test_transform_invariants(c):
 
         # exactly k tokens per sequence change in a lone routed block (block 0 of a 1-block prefix); fp32
         # only: in bf16 a small r * f(x) can round away, leaving a chosen token bitwise unchanged
-        single = modfx.transform(model, (ids,), capacity=c["capacity"], blocks=(0,), weighting=c["weighting"]).eval()
-        skipped = model.head(model.norm(model.tok_emb(x)))
         if c["n_layers"] == 1 and c["dtype"] == torch.float32:
+            single = modfx.transform(model, (ids,), capacity=c["capacity"], blocks=(0,),
+                                     weighting=c["weighting"]).eval()
+            skipped = model.head(model.norm(model.tok_emb(x)))
             k = max(1, math.ceil(c["capacity"] * c["seq"] - 1e-9))
             same = (single(x).logits == skipped).all(-1)
             assert same.sum(1).tolist() == [c["seq"] - k] * c["batch"]
