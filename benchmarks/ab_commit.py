@@ -58,7 +58,7 @@ def main():
     for name, m in models.items():
         cli.log(f"compiling {name}")
         m.train(args.backward)
-        steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ids, args.backward)
+        steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ((ids,), {}), args.backward)
         steps[name]()
     times = cli.round_robin(steps, "cpu", 2, args.rounds)
     med = {n: statistics.median(t) for n, t in times.items()}

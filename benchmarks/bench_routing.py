@@ -89,7 +89,7 @@ def main():
     steps = {}
     for name, m in models.items():
         cli.log(f"compiling {name}")
-        steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ids, args.backward)
+        steps[name] = cli.make_step(torch.compile(m, fullgraph=True), ((ids,), {}), args.backward)
         steps[name]()
     cli.log(f"{args.warmup} warmup + {args.repeat} timed rounds")
     times = cli.round_robin(steps, args.device, args.warmup, args.repeat)

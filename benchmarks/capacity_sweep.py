@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     for name, m in models.items():
         cli.log(f"compiling {name}")
         t = time.perf_counter()
-        step = cli.make_step(torch.compile(m, fullgraph=True), ids, False)
+        step = cli.make_step(torch.compile(m, fullgraph=True), ((ids,), {}), False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
             step()
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         "dense": {"flops": dense_flops, "median_ms": med["dense"], "times_ms": times["dense"],
                   "first_call_s": compile_s["dense"]},
         "rows": rows, "wall_s": time.perf_counter() - t_start, "loadavg_1_5_15min_at_start": load_start,
-        "versions": {**cli.versions(argparse.Namespace(hf=None)), "matplotlib": _mpl_version()},
+        "versions": {**cli.versions(argparse.Namespace(hf=None, hf_config=None)), "matplotlib": _mpl_version()},
         "machine": cli.machine(),
     }
 

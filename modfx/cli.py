@@ -209,6 +209,8 @@ def token_inputs(flag: str | None) -> str | tuple[str, ...] | None:
 
 def make_step(m, inputs, backward: bool):
     """One forward (no_grad) or one forward + backward of mean(first output); inputs = (args, kwargs)."""
+    if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict)):
+        raise TypeError(f"make_step takes inputs as (args, kwargs), e.g. ((ids,), {{}}); got {type(inputs).__name__}")
     a, kw = inputs
     if not backward:
         def step():
