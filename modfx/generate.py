@@ -91,8 +91,9 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     ids = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() == 2
                and not t.is_floating_point())
     try:
-        # the prompt alone (the transform's example may hold more, e.g. labels), in eval mode
-        pre = capture(twin, (ids,), {}, copy_model=False)
+        # the prompt alone, in eval mode: the transform's own capture when its example was the ids alone,
+        # else a capture of the ids (the example may hold more, e.g. labels)
+        pre = cap if len(args) == 1 and args[0] is ids and not kwargs else capture(twin, (ids,), {}, copy_model=False)
         g = _copy(pre.graphs[False])
         if dense:
             blocks, stats, sel_of = find_blocks(g, pre.seq_expr), [], {}
