@@ -3,7 +3,7 @@
 # helpers, which the tests do not drive from here). Numbers from these runs mean nothing; CI only needs
 # each script to finish. `.ci/run` runs it after the tests:
 #
-#     bash benchmarks/smoke.sh [python]      # default .venv/bin/python; about 4 minutes on 2 cores
+#     bash benchmarks/smoke.sh [python]      # default .venv/bin/python; about 5 minutes on 2 cores (cold caches)
 #
 # Not covered: peers.py (installs the peer package in its own environment; see RESULTS.md) and gpu.sh
 # (needs CUDA). tests/test_isoflop.py runs isoflop.py and convert.py --quick; tests/test_cli.py runs `modfx bench`.
