@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         "dense": {"flops": dense_flops, "median_ms": med["dense"], "times_ms": times["dense"],
                   "first_call_s": compile_s["dense"]},
         "rows": rows, "wall_s": time.perf_counter() - t_start, "loadavg_1_5_15min_at_start": load_start,
-        "versions": {**cli.versions(argparse.Namespace(hf=None, hf_config=None)), "matplotlib": _mpl_version()},
+        "versions": {**cli.versions(), "matplotlib": _mpl_version()},
         "machine": cli.machine(),
     }
 

@@ -5,9 +5,10 @@ the predictor, each compiled afresh (`torch._dynamo.reset()`, Inductor caches of
 
 Prints the seconds per round and each variant's best round over dense's best round, then Inductor's
 aggregated phase times (`torch._dynamo.utils.compile_times`) for the whole run. --cpp-wrapper compiles
-with Inductor's C++ wrapper; --dynamic with dynamic shapes (`torch.compile(dynamic=True)`: sizes are kernel
-arguments, not constants, so kernels of different token counts can share one build). --kernels then builds each variant's distinct C++ kernels one at a time
-(each source made new, so no build is a cache hit) and prints their count and build seconds.
+with Inductor's C++ wrapper; --dynamic with dynamic shapes (`torch.compile(dynamic=True)`: sizes become kernel
+arguments, not constants; see RESULTS.md for whether routed and dense blocks then share kernels). --kernels
+then builds each variant's distinct C++ kernels one at a time (each source made new, so no build is a cache
+hit) and prints their count and build seconds.
 """
 
 import argparse

@@ -395,13 +395,14 @@ def bench(args) -> dict:
         "model": model_name(args), "timed": kind, "mode": "train" if args.backward else "eval + no_grad",
         "k": ks.get("k", ks or None), "routed_blocks": [b.name for b in p.routed], "n_blocks": len(p.blocks),
         "transform_s": transform_s, "memory": memory_method(args.device), "loadavg_1_5_15min_at_start": load_start,
-        "rows": rows, "versions": versions(args), "machine": machine(),
+        "rows": rows, "versions": versions(bool(args.hf or args.hf_config)), "machine": machine(),
     }
 
 
-def versions(args) -> dict:
+def versions(transformers: bool = False) -> dict:
+    """Versions for a result file; transformers' too when the model came from it."""
     v = {"python": platform.python_version(), "torch": torch.__version__, "modfx": modfx.__version__}
-    if args.hf or args.hf_config:
+    if transformers:
         import transformers
 
         v["transformers"] = transformers.__version__

@@ -93,7 +93,8 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     try:
         # the prompt alone, in eval mode: the transform's own capture when its example was the ids alone,
         # else a capture of the ids (the example may hold more, e.g. labels)
-        pre = cap if len(args) == 1 and args[0] is ids and not kwargs else capture(twin, (ids,), {}, copy_model=False)
+        alone = len(args) == 1 and args[0] is ids and not kwargs
+        pre = cap if alone else capture(twin, (ids,), {}, copy_model=False)
         g = _copy(pre.graphs[False])
         if dense:
             blocks, stats, sel_of = find_blocks(g, pre.seq_expr), [], {}

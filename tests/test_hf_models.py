@@ -229,19 +229,17 @@ def every_token(built):
 
 def test_capacity_one_without_weighting_reproduces_the_model(built, every_token):
     name, case, model, inputs, _ = built
-    dense = every_token
-    assert len(modfx.plan(dense).routed) == len(modfx.plan(dense).blocks)
-    torch.testing.assert_close(main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs)),
-                               rtol=1e-5, atol=2e-5)
+    assert len(modfx.plan(every_token).routed) == len(modfx.plan(every_token).blocks)
+    torch.testing.assert_close(main_output(case, run(case, every_token, inputs)),
+                               main_output(case, run(case, model, inputs)), rtol=1e-5, atol=2e-5)
 
 
 def test_capacity_one_without_weighting_reproduces_the_model_under_bf16_autocast(built, every_token):
     name, case, model, inputs, _ = built
-    dense = every_token
     plain = plain_export(case, model, inputs) if case.reads_dtypes else None  # captured without autocast
     # grad mode stays on: under no_grad nn.TransformerEncoder takes its fused fast path, not the captured code
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = main_output(case, run(case, dense, inputs)), main_output(case, run(case, model, inputs))
+        got, want = main_output(case, run(case, every_token, inputs)), main_output(case, run(case, model, inputs))
         if case.reads_dtypes:
             eager, want = want, main_output(case, run(case, plain, inputs))
             torch.testing.assert_close(want, eager, rtol=0, atol=1e-2)  # the capture differs by bf16 rounding
