@@ -1,14 +1,15 @@
 """Cold compile seconds of the first training step (forward + backward), dense vs MoD without and with
 the predictor, each compiled afresh (`torch._dynamo.reset()`, Inductor caches off), in interleaved rounds.
 
-    python benchmarks/compile_time.py [--layers 4] [--rounds 3] [--forward] [--cpp-wrapper] [--dynamic] [--kernels]
+    python benchmarks/compile_time.py [--layers 4] [--rounds 3] [--forward] [--cpp-wrapper] [--dynamic] [--kernels] [--list]
 
 Prints the seconds per round and each variant's best round over dense's best round, then Inductor's
 aggregated phase times (`torch._dynamo.utils.compile_times`) for the whole run. --cpp-wrapper compiles
 with Inductor's C++ wrapper; --dynamic with dynamic shapes (`torch.compile(dynamic=True)`: sizes become kernel
 arguments, not constants; see RESULTS.md for whether routed and dense blocks then share kernels). --kernels
 then builds each variant's distinct C++ kernels one at a time (each source made new, so no build is a cache
-hit) and prints their count and build seconds.
+hit) and prints their count and build seconds. --list prints each variant's C++ kernels in the order its compiled
+forward and backward call them, each marked with whether dense builds the same source.
 """
 
 import argparse
@@ -37,9 +38,10 @@ def main(argv=None):
     ap.add_argument("--cpp-wrapper", action="store_true", help="compile with Inductor's C++ wrapper")
     ap.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes")
     ap.add_argument("--kernels", action="store_true", help="also build each distinct C++ kernel alone, timed")
+    ap.add_argument("--list", action="store_true", help="also list each variant's kernels, marking dense's own")
     args = ap.parse_args(argv)
-    if args.kernels and args.cpp_wrapper:
-        ap.error("--kernels times the kernels Inductor builds one by one; with --cpp-wrapper it builds them together")
+    if (args.kernels or args.list) and args.cpp_wrapper:
+        ap.error("--kernels and --list read the kernels Inductor builds one by one; with --cpp-wrapper it builds them together")
     inductor_config.force_disable_caches = True
     inductor_config.cpp_wrapper = args.cpp_wrapper
     torch.manual_seed(0)
@@ -60,6 +62,12 @@ def main(argv=None):
         rounds = " ".join(f"{v:5.1f}" for v in s)
         print(f"{name:18s} {rounds} s   best / dense best {min(s) / min(seconds['dense']):.2f}")
     print(compile_times(repr="str", aggregate=True))
+    if args.list:
+        dense_sources = {src for *_, src in _kernels(model, ids, args.forward, args.dynamic)}
+        for name, m in variants.items():
+            print(f"{name}: C++ kernels in call order (graph 0 is the forward); * = dense builds the same source")
+            for graph, kernel, _, src in _kernels(m, ids, args.forward, args.dynamic):
+                print(f"  {graph} {'*' if src in dense_sources else ' '} {kernel}")
     if args.kernels:
         for name, m in variants.items():
             kernels = _kernel_build_seconds(m, ids, args.forward, args.dynamic)
@@ -77,20 +85,30 @@ def _first_step(compiled, ids, forward: bool):
     return step
 
 
-def _kernel_build_seconds(m, ids, forward: bool, dynamic: bool) -> list[float]:
-    """Seconds to build each distinct C++ kernel of one compiled step, one at a time, uncached."""
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
+def _kernels(m, ids, forward: bool, dynamic: bool) -> list[tuple[int, str, list, str]]:
+    """(graph, name, argument types, source) of each C++ kernel one compiled step calls, in call order; the
+    source has the kernel's name normalised, so equal sources are one build."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     _, codes = run_and_get_code(_first_step(torch.compile(m, dynamic=dynamic or None), ids, forward))
     m.zero_grad(set_to_none=True)
-    kernels = {}  # source with the kernel's name normalised -> (argument types, source)
-    for code in codes:
-        for argtypes, src in re.findall(r"= async_compile\.cpp_pybinding\((\[.*?\]), r'''(.*?)'''\)", code, re.S):
-            kernels[re.sub(r"cpp_fused_\w+", "kernel", src)] = (ast.literal_eval(argtypes), src)
+    kernels = []
+    for graph, code in enumerate(codes):
+        defined = {name: (ast.literal_eval(argtypes), re.sub(r"cpp_fused_\w+", "kernel", src)) for name, argtypes, src in
+                   re.findall(r"^(cpp_fused_\w+) = async_compile\.cpp_pybinding\((\[.*?\]), r'''(.*?)'''\)",
+                              code, re.S | re.M)}
+        kernels += [(graph, name, *defined[name]) for name in re.findall(r"^\s+(cpp_fused_\w+)\(", code, re.M)]
+    return kernels
+
+
+def _kernel_build_seconds(m, ids, forward: bool, dynamic: bool) -> list[float]:
+    """Seconds to build each distinct C++ kernel of one compiled step, one at a time, uncached."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    kernels = {src: argtypes for _, _, argtypes, src in _kernels(m, ids, forward, dynamic)}
     seconds = []
-    for argtypes, src in kernels.values():
+    for src, argtypes in kernels.items():
         fresh = f"{src}\n// modfx compile_time.py {time.time_ns()}\n"  # a new source hash: no cache hit
         t = time.perf_counter()
         CppPythonBindingsCodeCache.load_pybinding(argtypes, fresh)
