@@ -144,8 +144,8 @@ class MoDModule(nn.Module):
         outs = self._programs[key](self, *flat)
         n = self._n_outputs
         stats = tuple(outs[n:])
-        if torch.compiler.is_compiling() or not any(map(torch._C._functorch.is_functorch_wrapped_tensor, stats)):
-            self._stats = stats  # (under torch.func transforms they are per-sample values that die with the call)
+        if not torch._C._are_functorch_transforms_active():  # (which dynamo reads, also inside a compiled
+            self._stats = stats  # torch.func transform: there they are per-sample values that die with the call)
         return pytree.tree_unflatten(list(outs[:n]), self._out_spec)
 
     @torch.compiler.disable

@@ -373,6 +373,36 @@ def test_per_sample_gradients_under_vmap_equal_one_backward_per_sample():
     assert per_sample["layers.1.mod_router.weight"].abs().sum() > 0
 
 
+def _grad_of_squared_logits(mod, ids):
+    return torch.func.grad(lambda p: torch.func.functional_call(mod, p, (ids,)).logits.pow(2).mean())
+
+
+def test_compiled_torch_func_grad_equals_eager_with_the_predictors_loss():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=D, n_heads=H, vocab_size=V))
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25)
+    params = {n: p.detach() for n, p in mod.named_parameters()}
+    mod(ids_of(seq=S - 1))
+    stats = modfx.routing_stats(mod)
+    grad = _grad_of_squared_logits(mod, ids_of())
+    want, got = grad(params), torch.compile(grad, fullgraph=True)(params)
+    assert want["layers.1.mod_predictor.0.weight"].abs().sum() > 0
+    assert modfx.routing_stats(mod) == stats  # the transforms' statistics are per-call values, not kept
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_compiled_per_sample_gradients_equal_eager_without_the_predictor():
+    model = llama.Llama(llama.LlamaConfig(n_layers=2, d_model=D, n_heads=H, vocab_size=V))
+    mod = modfx.transform(model, (ids_of(),), capacity=0.25, predictor=False)
+    params = {n: p.detach() for n, p in mod.named_parameters()}
+    per_sample = torch.func.vmap(lambda p, x: _grad_of_squared_logits(mod, x[None])(p), in_dims=(None, 0))
+    ids = ids_of(batch=3)
+    want, got = per_sample(params, ids), torch.compile(per_sample, fullgraph=True)(params, ids)
+    assert want["layers.1.mod_router.weight"].abs().sum() > 0
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_symbolic_sizes_with_max_and_min_are_emitted():
     from modfx.passes.graph_utils import emit_sym_expr
 

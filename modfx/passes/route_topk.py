@@ -120,8 +120,10 @@ class _SplitTokens(torch.autograd.Function):
 
 
 def split_tokens(x: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and its chosen rows x[rows]; with autograd on, x's gradient adds the rows' gradient in place."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """x and its chosen rows x[rows]; with autograd on, x's gradient adds the rows' gradient in place.
+    Under torch.func transforms, plain indexing (the same gradient): torch.compile cannot vmap a custom
+    autograd.Function, whatever its vmap rule."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch._C._are_functorch_transforms_active():
         return _SplitTokens.apply(x, *rows)
     return x, x[rows]
 
