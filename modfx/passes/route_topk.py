@@ -101,16 +101,15 @@ def token_index(graph: Graph, idx: Node, like: Node, seq_axis: int, batch_axis: 
 
 
 class _SplitTokens(torch.autograd.Function):
-    """(x, x[rows]): one backward for both uses of x, adding the chosen rows' gradient into y's in place."""
-
-    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) runs forward and backward per sample
+    """(x, x[rows]): one backward for both uses of x, adding the chosen rows' gradient into y's in place.
+    Not used under torch.func transforms (see split_tokens)."""
 
     @staticmethod
     def forward(x, *rows):
         return x.view_as(x), x[rows]
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # forward without ctx: torch.func transforms accept it
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
