@@ -140,8 +140,15 @@ class MoDModule(nn.Module):
             )
         self._check_sizes(flat)
         self._check_guards(flat)
-        key = (self._routing, self.training)
-        outs = self._programs[key](self, *flat)
+        program = self._programs[(self._routing, self.training)]
+        if torch.compiler.is_compiling():
+            outs = program(self, *flat)
+        else:
+            try:
+                outs = program(self, *flat)
+            except RuntimeError:
+                self._check_no_sharded_submodules()  # a ModfxError where that is the cause
+                raise
         n = self._n_outputs
         stats = tuple(outs[n:])
         if not torch._C._are_functorch_transforms_active():  # (which dynamo reads, also inside a compiled
@@ -190,6 +197,24 @@ class MoDModule(nn.Module):
                 f"captured ({str(e).removeprefix('Guard failed: ')}): the transformed graphs contain only the path "
                 "the model took for the example, so they cannot run these inputs. Call it with inputs that meet "
                 "the condition, or transform again with an example that takes the path you need"
+            ) from None
+
+    def _check_no_sharded_submodules(self) -> None:
+        """FSDP's fully_shard on a block leaves its parameters sharded (DTensors) until the block's own forward
+        hook gathers them, and that hook never runs: the programs run the whole model's graph, not its
+        submodules. (fully_shard on the transformed module itself gathers every parameter, and works.)"""
+        if not torch.distributed.is_available():
+            return
+        from torch.distributed.tensor import DTensor
+
+        sharded = [n for n, p in self.named_parameters() if isinstance(p, DTensor)]
+        if sharded:
+            shown = ", ".join(sharded[:4]) + (f" and {len(sharded) - 4} more" if len(sharded) > 4 else "")
+            raise ModfxError(
+                f"parameters {shown} are still sharded (DTensors) when the transformed module runs: a submodule "
+                "was sharded on its own (e.g. FSDP's fully_shard on a block), and its hooks never run because the "
+                "transformed module runs one captured graph of the whole model. Shard the transformed module as "
+                "one unit instead: fully_shard(mod), not its blocks"
             ) from None
 
     def _check_sizes(self, flat: list) -> None:
