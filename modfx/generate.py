@@ -70,6 +70,9 @@ def decoder(mod: MoDModule, dense: bool = False) -> Decoder:
     if dense in decoders:
         return decoders[dense]
     cap, config = mod.modfx_capture, mod.modfx_config
+    # generate puts each prompt's real tokens first (`_real_tokens_first`) and captures the ids alone, so the
+    # programs never see the padding mask the transform named; the predictor routes token by token
+    config = dataclasses.replace(config, padding_mask=None)
     if not config.predictor and not dense:
         raise ModfxError("generate routes with the predictor: transform with predictor=True (the default)")
     if len(cap.seq_exprs) > 1:

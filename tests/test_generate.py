@@ -243,6 +243,18 @@ def test_a_padded_batch_generates_what_each_prompt_generates_alone(side, dense):
     assert torch.equal(got_ids[:, :P], padded)  # the prompts come back as given
 
 
+def test_a_module_transformed_with_a_padding_mask_generates_what_each_prompt_generates_alone():
+    model = _hf("LlamaForCausalLM", "LlamaConfig", intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
+    ids = torch.randint(0, V, (2, P))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mod = modfx.transform(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, every=1,
+                          padding_mask="attention_mask").eval()
+    got = modfx.generate(mod, ids, 4, attention_mask=mask)
+    for row, prompt in ((0, ids[:1]), (1, ids[1:, 5:])):
+        assert torch.equal(got[row, P:], modfx.generate(mod, prompt, 4)[0, prompt.shape[1]:])
+
+
 def test_a_padding_mask_without_real_tokens_or_of_another_shape_is_refused():
     _, mod, ids = make()
     with pytest.raises(modfx.ModfxError, match=r"attention_mask must be a tensor shaped like input_ids \[2, 12\]"):
