@@ -211,12 +211,18 @@ def _input_sizes(cap) -> tuple:
 
 
 def _batch_of_two(args: tuple, kwargs: dict):
-    """Repeat a batch-1 example (every tensor input of leading size 1) to batch 2: export specialises a
-    dynamic axis of size 1 to the constant 1, and the transformed model would run at batch 1 only."""
+    """Repeat a batch-1 example (every input of 2 or more axes of leading size 1) to batch 2: export
+    specialises a dynamic axis of size 1 to the constant 1, and the transformed model would run at batch 1
+    only. A 1-D input goes along only at length 1: a longer one is per token (positions [S]), not per sample."""
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    if not tensors or any(t.shape[0] != 1 for t in tensors):
+    batched = [t for t in tensors if t.dim() >= 2] or tensors
+    if not batched or any(t.shape[0] != 1 for t in batched):
         return args, kwargs
-    return pytree.tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t, (args, kwargs))
+
+    def double(t):
+        return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1 else t
+
+    return pytree.tree_map(double, (args, kwargs))
 
 
 def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspect.Signature):
@@ -237,9 +243,13 @@ def _long_enough(args: tuple, kwargs: dict, config: MoDConfig, signature: inspec
     if not reps:
         return args, kwargs
 
+    batches = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and has_token_axis(t)}
+
     def lengthen(t):
         if isinstance(t, torch.Tensor) and has_token_axis(t) and t.shape[1] in reps:
             return torch.cat([t] * reps[t.shape[1]], dim=1)
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] in reps and t.shape[0] not in batches:
+            return torch.cat([t] * reps[t.shape[0]])  # per token (positions [S]); [B] if B == S: left alone
         return t
 
     return pytree.tree_map(lengthen, (args, kwargs))

@@ -132,6 +132,24 @@ def test_batch_one_example_still_gives_a_module_for_any_batch():
     torch.testing.assert_close(mod(x).logits, model(x).logits, rtol=0, atol=1e-5)
 
 
+def test_batch_one_example_with_positions_per_token_still_gives_a_module_for_any_batch():
+    model = small().eval()
+    mod = modfx.transform(model, (ids(1, 16), torch.arange(16)), capacity=1.0, weighting="none")
+    x = ids(4, 20)
+    torch.testing.assert_close(mod(x, torch.arange(20)).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_a_short_example_with_positions_per_token_is_lengthened_with_them():
+    from reference import mod_forward, routers_of
+
+    model = small().eval()
+    mod = modfx.transform(model, (ids(2, 8), torch.arange(8)), capacity=0.125, weighting="sigmoid")  # k(8) = 1
+    for s in (8, 24):
+        x = ids(3, s)
+        want = mod_forward(model, x, routers_of(mod, model), 0.125, "sigmoid")
+        torch.testing.assert_close(mod(x, torch.arange(s)).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_static_input_axis_of_another_size_says_to_transform_again():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
