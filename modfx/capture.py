@@ -82,7 +82,12 @@ def _mode_dependent(graph: Graph) -> bool:
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs)
-    dynamic = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {**_arg_names(model, dyn_args), **dyn_kwargs}
+    if kwargs and _through_var_parameters(model, len(args), kwargs):
+        # torch.export checks a dynamic_shapes dict against the inputs with those of **kwargs moved to the top
+        # level, so no spec passes; non-strict export also reads dynamic-axis marks on the inputs themselves
+        args, kwargs, dynamic = _marked(args, dyn_args), _marked(kwargs, dyn_kwargs), None
+    else:
+        dynamic = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {**_arg_names(model, dyn_args), **dyn_kwargs}
     try:
         # Captured under no_grad: grad-mode regions (e.g. RoPE tables built under torch.no_grad in a
         # model) then stay plain ops instead of set_grad_enabled subgraphs, which recompile badly. The
@@ -176,6 +181,30 @@ def _warn_about_hooks(model: nn.Module) -> None:
             "during that capture only (on fake tensors), what they compute becomes part of the graph, and "
             "they do not run when the transformed module is called. Remove them before modfx.transform if "
             "that is not what you want.", stacklevel=4)
+
+
+def _through_var_parameters(model: nn.Module, n_args: int, kwargs: dict) -> bool:
+    """Does forward take some of these inputs through `*args` or `**kwargs`?"""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return n_args > len(positional) or any(k not in named for k in kwargs)
+
+
+def _marked(inputs, specs):
+    """The inputs as new tensor objects (the caller's are left unmarked) with their dynamic axes marked."""
+
+    def mark(t, spec):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach().requires_grad_(t.requires_grad)
+        for axis in spec or {}:
+            torch._dynamo.maybe_mark_dynamic(t, axis)
+        return t
+
+    return pytree.tree_map(mark, inputs, specs, is_leaf=lambda x: x is None)
 
 
 def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:

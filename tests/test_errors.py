@@ -150,6 +150,25 @@ def test_a_short_example_with_positions_per_token_is_lengthened_with_them():
         torch.testing.assert_close(mod(x, torch.arange(s)).logits, want, rtol=1e-5, atol=1e-5)
 
 
+class TakesAnything(nn.Module):
+    """A wrapper whose forward takes its inputs through *args and **kwargs (as Hugging Face models take
+    `output_hidden_states` and friends)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args).logits * kwargs["scale"]
+
+
+def test_inputs_taken_through_var_args_and_var_kwargs_are_captured_with_dynamic_batch_and_tokens():
+    model = TakesAnything(small()).eval()
+    mod = modfx.transform(model, (ids(),), example_kwargs={"scale": torch.tensor(2.0)}, capacity=1.0, weighting="none")
+    x, scale = ids(3, 20), torch.tensor(3.0)
+    torch.testing.assert_close(mod(x, scale=scale), model(x, scale=scale), rtol=0, atol=1e-5)
+
+
 def test_static_input_axis_of_another_size_says_to_transform_again():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
