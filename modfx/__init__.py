@@ -1,6 +1,7 @@
 """modfx: Mixture-of-Depths as a PyTorch compiler transformation."""
 
 from .api import (
+    aux_loss,
     plan,
     routing_parameters,
     routing_stats,
@@ -20,6 +21,7 @@ __all__ = [
     "plan",
     "set_routing",
     "routing_stats",
+    "aux_loss",
     "routing_parameters",
     "trainable_routing_parameters",
     "flops",

@@ -1,4 +1,4 @@
-"""The public API: transform, plan, set_routing, routing_stats."""
+"""The public API: transform, plan, set_routing, routing_stats, aux_loss."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _build(mod: MoDModule, mode: str):
             g = copy.deepcopy(graph)
         result = run_pipeline(g, mod, config, cap.seq_exprs, mode)
         out = g.output_node()
-        out.args = (tuple(out.args[0]) + tuple(result.stats),)
+        out.args = (tuple(out.args[0]) + tuple(result.stats) + ((result.aux,) if result.aux is not None else ()),)
         if config.check_flops:
             names = [b.name for b in result.blocks]
             check_budget(g, graph, names, [names[i] for i in result.routed], cap.seq_exprs)
@@ -144,6 +144,21 @@ def routing_stats(mod: nn.Module) -> dict[str, dict[str, float]]:
     p = plan(mod)
     names = ("aux_loss", "accuracy", "precision", "recall", "selected")
     return {b.name: dict(zip(names, s.tolist())) for b, s in zip(p.routed, mod._stats)}
+
+
+def aux_loss(mod: nn.Module) -> torch.Tensor:
+    """The weighted sum of the routing aux losses of the last forward (the predictor's BCE times
+    aux_loss_weight, the router's times router_aux_weight), a scalar to add to the loss you differentiate:
+    `loss = task_loss + modfx.aux_loss(mod)`, scaled with it. For modules transformed with
+    aux_in_backward=False; by default these losses ride along in backward() instead."""
+    plan(mod)
+    if mod.modfx_config.aux_in_backward:
+        raise ModfxError("the aux losses of this module ride along in backward() (aux_in_backward=True, the default): "
+                         "adding them to the loss would count them twice. Transform with aux_in_backward=False to "
+                         "add them yourself, e.g. when the loss is scaled (GradScaler, gradient accumulation)")
+    if mod._aux is None:
+        raise ModfxError("modfx.aux_loss(mod) reads the last forward's aux losses: call the module first")
+    return mod._aux
 
 
 def routing_parameters(mod: nn.Module) -> list[nn.Parameter]:

@@ -36,6 +36,11 @@ class MoDConfig:
     router_aux_weight: weight of a BCE loss on the router's own score against top-k membership (the
         paper's other option for causal sampling): it pushes chosen tokens' r above 0 and the others'
         below, so that the top-k decision becomes predictable from a token alone. Off (0) by default.
+    aux_in_backward: True: those aux losses ride along in `backward()` at their weights, whatever scale the
+        loss you differentiate has. False: they are left out of backward, and `modfx.aux_loss(mod)` returns
+        their weighted sum from the last forward, to add to your loss; needed when the loss is scaled
+        (torch.amp.GradScaler, or loss / n per micro-batch in gradient accumulation), which the injected
+        gradient cannot see.
     padding_mask: name of a model input that marks real tokens (nonzero / True) and padding (0 / False),
         shaped [B, S] over the routed blocks' tokens (e.g. Hugging Face's "attention_mask"): padded tokens
         rank below every real token in the top-k, so they take a routed slot only when a sequence has fewer
@@ -56,6 +61,7 @@ class MoDConfig:
     predictor_hidden: int | None = None
     aux_loss_weight: float = 0.01
     router_aux_weight: float = 0.0
+    aux_in_backward: bool = True
     padding_mask: str | None = None
     token_input: str | tuple[str, ...] | None = None
     check_flops: bool = True

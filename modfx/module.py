@@ -74,6 +74,7 @@ class MoDModule(nn.Module):
         self._n_args = 0  # positional inputs of the example
         self._model_signature: inspect.Signature | None = None  # the model's forward, to rearrange calls
         self._stats: tuple = ()
+        self._aux = None  # aux_in_backward=False: the last forward's weighted aux losses (modfx.aux_loss)
         self.modfx_plan = None
 
     def adopt_attrs(self, gm: GraphModule, graph: Graph) -> None:
@@ -151,6 +152,8 @@ class MoDModule(nn.Module):
                 raise
         n = self._n_outputs
         stats = tuple(outs[n:])
+        if not self.modfx_config.aux_in_backward:  # the last output: the aux losses' weighted sum
+            stats, self._aux = stats[:-1], stats[-1]
         if not torch._C._are_functorch_transforms_active():  # (which dynamo reads, also inside a compiled
             self._stats = stats  # torch.func transform: there they are per-sample values that die with the call)
         return pytree.tree_unflatten(list(outs[:n]), self._out_spec)

@@ -40,6 +40,47 @@ def test_aux_loss_leaves_outputs_and_main_gradients_unchanged():
     assert all(grads[0.0][n].abs().sum() == 0 for n in pred)
 
 
+def grads_of(mod, loss) -> dict:
+    mod.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad for n, p in mod.named_parameters()}
+
+
+def task_loss(mod, ids):
+    return torch.nn.functional.cross_entropy(mod(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def test_aux_losses_added_to_the_loss_give_the_gradients_they_give_riding_along_in_backward():
+    _, riding, ids = make(router_aux_weight=0.1)
+    _, added, _ = make(router_aux_weight=0.1, aux_in_backward=False)
+    added.load_state_dict(riding.state_dict())
+    want = grads_of(riding, task_loss(riding, ids))
+    got = grads_of(added, task_loss(added, ids) + modfx.aux_loss(added))
+    assert want["layers.1.mod_predictor.0.weight"].abs().sum() > 0
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-8, msg=n)
+    assert grads_of(added, task_loss(added, ids))["layers.1.mod_predictor.0.weight"] is None  # none rides along
+
+
+def test_aux_losses_added_to_a_scaled_loss_are_unscaled_with_it():
+    _, mod, ids = make(aux_in_backward=False)
+    want = grads_of(mod, task_loss(mod, ids) + modfx.aux_loss(mod))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    got = grads_of(mod, scaler.scale(task_loss(mod, ids) + modfx.aux_loss(mod)))
+    scaler.unscale_(torch.optim.SGD(mod.parameters(), lr=0.1))
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-9, msg=n)
+
+
+def test_aux_loss_is_refused_where_the_aux_losses_ride_along_or_before_a_forward(built):
+    _, mod, _ = built
+    with pytest.raises(modfx.ModfxError, match="ride along in backward.*count them twice"):
+        modfx.aux_loss(mod)
+    _, fresh, _ = make(aux_in_backward=False)
+    with pytest.raises(modfx.ModfxError, match="call the module first"):
+        modfx.aux_loss(fresh)
+
+
 def test_router_aux_loss_adds_the_bce_of_the_router_score_against_top_k_to_its_gradient():
     # 2 layers, block 1 routed: with the language-model gradient zeroed, the router's gradient is exactly
     # that of weight * BCE(r, top-k membership) at block 1's input

@@ -27,7 +27,7 @@ import dataclasses
 import sympy
 import torch
 from torch import nn
-from torch.fx import Graph
+from torch.fx import Graph, Node
 
 from ..config import MoDConfig
 from ..errors import ModfxError
@@ -35,7 +35,7 @@ from .discover import Block, find_blocks
 from .fuse_scores import fuse_router_predictor
 from .predictor import add_predictor_loss, add_router_loss, route_predictor
 from .rescore import rescore_chosen
-from .graph_utils import expr, input_named
+from .graph_utils import aten, call, expr, input_named
 from .route_topk import route_topk
 from .router import insert_router
 
@@ -46,6 +46,7 @@ class PipelineResult:
     routed: tuple[int, ...]
     stats: list  # extra graph outputs (predictor loss / accuracy per routed block), in order
     outputs: dict  # routed block index -> its new (merged) output node
+    aux: Node | None = None  # aux_in_backward=False: the weighted sum of the aux losses (0 without any), a scalar
 
 
 def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sympy.Expr | tuple | None,
@@ -66,6 +67,7 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
         tokens = expr(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() == 2 else None
         masked = {i for i in routed if blocks[i].seq_expr == tokens} or masked
     stats = []
+    terms = None if config.aux_in_backward else []  # weight * aux of each aux loss, summed into one output
     rerouted = {}  # a block's old output -> its merged output, for the next block's residual input
     outputs = {}
     for block in blocks:
@@ -82,10 +84,10 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
                 rescore_chosen(graph, block, r, routed_block)
             if config.predictor:
                 new_out, block_stats = add_predictor_loss(graph, root, block, routed_block,
-                                                          config.predictor_hidden, config.aux_loss_weight)
+                                                          config.predictor_hidden, config.aux_loss_weight, terms)
                 stats.append(block_stats)
             if config.router_aux_weight:
-                new_out = add_router_loss(graph, block, routed_block, r, new_out, config.router_aux_weight)
+                new_out = add_router_loss(graph, block, routed_block, r, new_out, config.router_aux_weight, terms)
             elif config.predictor:  # r only ranks: one GEMM over x for it and the predictor
                 fuse_router_predictor(graph, root, block, r)
         elif mode == "predictor":
@@ -97,5 +99,18 @@ def run_pipeline(graph: Graph, root: nn.Module, config: MoDConfig, seq_expr: sym
             raise ValueError(mode)
         rerouted[old_out] = new_out
         outputs[block.index] = new_out
+    aux = None if terms is None else _sum_of(graph, terms, blocks[routed[0]])
     graph.lint()
-    return PipelineResult(blocks, routed, stats, outputs)
+    return PipelineResult(blocks, routed, stats, outputs, aux)
+
+
+def _sum_of(graph: Graph, terms: list[Node], block: Block) -> Node:
+    """One scalar node: the sum of the terms, or a float32 zero without any (predictor routing)."""
+    with graph.inserting_before(graph.output_node()):
+        if not terms:
+            device = block.x.meta["val"].device
+            return call(graph, aten.zeros.default, ([],), {"dtype": torch.float32, "device": device}, stack=block.stack)
+        total = terms[0]
+        for t in terms[1:]:
+            total = call(graph, aten.add.Tensor, (total, t), stack=block.stack)
+        return total

@@ -109,19 +109,20 @@ def _new_predictor(d: int, h: int, like: torch.Tensor) -> nn.Sequential:
 
 
 def add_predictor_loss(graph: Graph, root: nn.Module, block: Block, routed: Routed, hidden: int | None,
-                       weight: float) -> tuple[Node, Node]:
-    """Top-k graph: predictor + BCE aux loss injected into backward. Returns the new block output and
-    the stats node [N_STATS]."""
+                       weight: float, terms: list | None = None) -> tuple[Node, Node]:
+    """Top-k graph: predictor + BCE aux loss injected into backward (or, given `terms`, weight * aux
+    appended to them). Returns the new block output and the stats node [N_STATS]."""
     st = block.stack
     with graph.inserting_before(routed.out.next):
         p = predictor_logits(graph, root, block, hidden)
         target = topk_target(graph, p, routed.idx, st, "predictor")
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (p, target), stack=st, tag="predictor")
         stats = _stats(graph, p, target, aux, st)
-    return _ride_along(graph, routed.out, aux, weight, st), stats
+    return _ride_along(graph, routed.out, aux, weight, st, terms), stats
 
 
-def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: Node, weight: float) -> Node:
+def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: Node, weight: float,
+                    terms: list | None = None) -> Node:
     """Top-k graph: BCE of the router score r itself against top-k membership, injected into backward
 
         aux = bce_with_logits(r[..., 0], scatter(zeros, 1, idx, 1))      # [B, S] logits vs membership
@@ -133,7 +134,7 @@ def add_router_loss(graph: Graph, block: Block, routed: Routed, r: Node, out: No
         logits = per_token(graph, r, block)  # [B, S]
         target = topk_target(graph, logits, routed.idx, st, "router")
         aux = call(graph, aten.binary_cross_entropy_with_logits.default, (logits, target), stack=st, tag="router")
-    return _ride_along(graph, out, aux, weight, st)
+    return _ride_along(graph, out, aux, weight, st, terms)
 
 
 def topk_target(graph: Graph, like: Node, idx: Node, st, tag: str) -> Node:
@@ -142,11 +143,15 @@ def topk_target(graph: Graph, like: Node, idx: Node, st, tag: str) -> Node:
     return call(graph, aten.scatter.value, (zeros, 1, idx, 1.0), stack=st, tag=tag)
 
 
-def _ride_along(graph: Graph, out: Node, aux: Node, weight: float, st) -> Node:
-    """out' = add_aux_loss(out, weight * aux), inserted after `aux`; every user of `out` reads out'."""
+def _ride_along(graph: Graph, out: Node, aux: Node, weight: float, st, terms: list | None) -> Node:
+    """out' = add_aux_loss(out, weight * aux), inserted after `aux`; every user of `out` reads out'.
+    Given `terms` (aux_in_backward=False), weight * aux is appended to them instead, and `out` returned."""
     users = list(out.users)  # the nodes after the block; none of the new nodes reads `out`
     with graph.inserting_after(aux):
         scaled = call(graph, aten.mul.Tensor, (aux, weight), stack=st)
+    if terms is not None:
+        terms.append(scaled)
+        return out
     with graph.inserting_after(scaled):
         new = call(graph, add_aux_loss, (out, scaled), stack=st, tag=aux.meta["modfx_role"])
     for u in users:
