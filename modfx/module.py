@@ -116,6 +116,13 @@ class MoDModule(nn.Module):
 
         return rebuild, (state(self),)
 
+    def __copy__(self):
+        """A shallow copy shares everything, parameters included, as for any nn.Module (pickling's path,
+        which `copy.copy` would otherwise take, transforms again)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __deepcopy__(self, memo):
         """A copy in this process keeps the programs (they take their owner as an argument)."""
         new = object.__new__(type(self))

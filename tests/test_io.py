@@ -113,6 +113,13 @@ def test_deep_copy_is_equal_and_independent(built):
     assert twin.get_parameter("layers.1.mod_router.weight") is not mod.get_parameter("layers.1.mod_router.weight")
 
 
+def test_shallow_copy_shares_the_parameters(built):
+    _, mod, ids = built
+    twin = copy.copy(mod)
+    assert twin.get_parameter("layers.1.mod_router.weight") is mod.get_parameter("layers.1.mod_router.weight")
+    assert torch.equal(twin(ids).logits, mod(ids).logits)
+
+
 def test_pt2_export_of_a_module_transformed_with_keyword_inputs(built, tmp_path):
     model, _, ids = built
     mod = modfx.transform(model, example_kwargs={"idx": ids}).eval()
