@@ -36,22 +36,17 @@ def grads_of_one_step(module, ids, named_like) -> dict:
     return {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
 
 
-def test_ddp_step_gives_the_gradients_of_the_module_alone(world_of_one, transformed):
+def shard_whole(mod):
+    fully_shard(mod)  # in place: the module's class becomes an FSDP one
+    return mod
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.parallel.DistributedDataParallel, shard_whole], ids=["ddp", "fully_shard"])
+def test_wrapped_module_gives_the_gradients_of_the_module_alone(world_of_one, transformed, wrap):
     mod, ids = transformed
     alone = copy.deepcopy(mod)
-    ddp = torch.nn.parallel.DistributedDataParallel(mod)
-    got, want = grads_of_one_step(ddp, ids, mod), grads_of_one_step(alone, ids, alone)
+    got, want = grads_of_one_step(wrap(mod), ids, mod), grads_of_one_step(alone, ids, alone)
     assert want["layers.1.mod_predictor.0.weight"].abs().sum() > 0
-    for n, g in want.items():
-        torch.testing.assert_close(got[n], g, msg=n)
-
-
-def test_fully_shard_of_the_whole_module_gives_the_gradients_of_the_module_alone(world_of_one, transformed):
-    mod, ids = transformed
-    alone = copy.deepcopy(mod)
-    fully_shard(mod)
-    got, want = grads_of_one_step(mod, ids, mod), grads_of_one_step(alone, ids, alone)
-    assert want["layers.1.mod_router.weight"].abs().sum() > 0
     for n, g in want.items():
         torch.testing.assert_close(got[n], g, msg=n)
 
