@@ -24,6 +24,6 @@ TINY="--d-model 64 --heads 4 --seq 64 --batch 2"
 run bench_routing benchmarks/bench_routing.py $TINY --repeat 1 --warmup 0 --ops --op-repeat 1
 run bench_routing_backward benchmarks/bench_routing.py $TINY --repeat 1 --warmup 0 --ops --op-repeat 1 --backward
 run capacity_sweep benchmarks/capacity_sweep.py --quick --out "$OUT"
-run compile_time benchmarks/compile_time.py --layers 2 --d-model 64 --seq 32 --rounds 1
+run compile_time benchmarks/compile_time.py --layers 2 --d-model 64 --seq 32 --rounds 1 --list
 run decode benchmarks/decode.py --quick
 run ab_commit benchmarks/ab_commit.py --base HEAD --rounds 1
