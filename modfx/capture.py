@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
+import re
 import types
 import warnings
 
@@ -73,8 +74,8 @@ def _mode_dependent(graph: Graph) -> bool:
             continue
         for i, a in enumerate(schema.arguments):
             v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value)
-            if a.name in ("train", "training") and v is True:
-                return True
+            if a.name in ("train", "training") and (v is True or "batch_norm" in str(n.target)):
+                return True  # (a batch norm captured in eval normalises by running statistics)
             if a.name in ("p", "dropout_p") and isinstance(v, float) and v > 0 and "dropout" in str(n.target) + a.name:
                 return True
     return False
@@ -95,12 +96,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
         with torch.no_grad():
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with advice, cause kept
-        raise ModfxError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-            "modfx needs a model torch.export can trace: no data-dependent Python control flow (branches on "
-            "tensor values, .item()), no unsupported Python side effects. Rewrite such branches with "
-            "torch.where / torch.cond, or check `torch.export.export(model, example_inputs, strict=False)` alone."
-        ) from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        advice = ("modfx needs a model torch.export can trace: no data-dependent Python control flow (branches on "
+                  "tensor values, .item()), no unsupported Python side effects. Rewrite such branches with "
+                  "torch.where / torch.cond, or check `torch.export.export(model, example_inputs, strict=False)` alone.")
+        if re.search(r"Cache'?>? in output", first):
+            advice = ("The model returns its KV cache (a Hugging Face model built with use_cache=True): build it with "
+                      "use_cache=False (e.g. model.config.use_cache = False); modfx.generate keeps caches of its own.")
+        raise ModfxError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n{advice}") from e
 
 
 def copy_of(model: nn.Module) -> nn.Module:
@@ -230,6 +233,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, copy_model: bool = T
     routed stack."""
     if copy_model:
         _warn_about_hooks(model)
+    # a view such as data[:, :-1] would be captured with its strides, and export's guards would then
+    # refuse every contiguous input: the example's layout is not the model's business
+    args, kwargs = pytree.tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, (args, kwargs))
     twin = copy_of(model) if copy_model else model
     ep = _export(twin, args, kwargs)
     _check_owns_its_weights(ep, model, twin)

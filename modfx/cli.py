@@ -207,6 +207,13 @@ def token_inputs(flag: str | None) -> str | tuple[str, ...] | None:
 
 # --- timing and memory -------------------------------------------------------------------------------
 
+def _first_tensor(out):
+    """The first tensor among a model's outputs (logits, or a tuple/dict/ModelOutput that holds them first)."""
+    from torch.utils import _pytree as pytree
+
+    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
 def make_step(m, inputs, backward: bool):
     """One forward (no_grad) or one forward + backward of mean(first output); inputs = (args, kwargs)."""
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict)):
@@ -218,7 +225,7 @@ def make_step(m, inputs, backward: bool):
                 m(*a, **kw)
     else:
         def step():
-            m(*a, **kw)[0].float().mean().backward()
+            _first_tensor(m(*a, **kw)).float().mean().backward()
             m.zero_grad(set_to_none=True)
     return step
 

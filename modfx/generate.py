@@ -198,8 +198,18 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torc
 
 
 def _logits(user_outputs, out_spec) -> torch.Tensor:
+    """The logits [B, S, V] among the model's outputs: its `.logits`, the output itself, or the first
+    output of 3 axes (nanoGPT's `(logits, loss)`, a dict of them)."""
     out = pytree.tree_unflatten(list(user_outputs), out_spec)
-    return out.logits if hasattr(out, "logits") else out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    found = next((t for t in user_outputs if isinstance(t, torch.Tensor) and t.dim() == 3), None)
+    if found is None:
+        raise ModfxError(f"generate samples from the model's logits [B, S, V]; its outputs ({type(out).__name__}) "
+                         "hold no tensor of 3 axes and no `.logits`")
+    return found
 
 
 def _real_tokens_first(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

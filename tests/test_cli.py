@@ -199,3 +199,19 @@ def test_factory_file_imports_its_siblings_and_defines_dataclasses(tmp_path, mon
     monkeypatch.chdir(tmp_path.parent)  # not the file's folder
     assert cli.main(["flops", "--factory", f"{tmp_path / 'mine.py'}:make", "--seq", "32", "--vocab", "50"]) == 0
     assert "k=4" in capsys.readouterr().out
+
+
+def test_a_training_step_differentiates_the_first_tensor_of_a_dict_output():
+    import torch
+
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"logits": self.lin(x), "loss": None}
+
+    m = DictOut()
+    cli.make_step(m, ((torch.randn(2, 4),), {}), backward=True)()
+    assert m.lin.weight.grad is None  # zeroed after the step, which ran forward and backward without error

@@ -169,6 +169,52 @@ def test_inputs_taken_through_var_args_and_var_kwargs_are_captured_with_dynamic_
     torch.testing.assert_close(mod(x, scale=scale), model(x, scale=scale), rtol=0, atol=1e-5)
 
 
+def test_an_example_that_is_a_view_gives_a_module_for_contiguous_inputs():
+    model = small().eval()
+    data = ids(2, 17)
+    mod = modfx.transform(model, (data[:, :-1],), capacity=1.0, weighting="none")  # the usual x = data[:, :-1]
+    for x in (data[:, :-1], ids(3, 20)):
+        torch.testing.assert_close(mod(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+class NormedBlock(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.bn, self.f = nn.BatchNorm1d(d), nn.Linear(d, d)
+
+    def forward(self, x):  # [B, S, D]
+        return x + self.f(self.bn(x.transpose(1, 2)).transpose(1, 2))
+
+
+class BatchNormed(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.emb, self.layers, self.head = nn.Embedding(V, d), nn.ModuleList(NormedBlock() for _ in range(2)), nn.Linear(d, V)
+
+    def forward(self, x):
+        x = self.emb(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_batch_norm_captured_in_eval_normalises_by_the_batch_after_train():
+    model = BatchNormed().eval()
+    mod = modfx.transform(model, (ids(),), capacity=1.0, weighting="none", every=1).train()
+    reference = copy.deepcopy(model).train()
+    x = ids()
+    torch.testing.assert_close(mod(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.get_buffer("layers.0.bn.running_mean"), reference.layers[0].bn.running_mean)
+
+
+def test_a_hugging_face_model_that_returns_its_cache_is_refused_with_use_cache_false_as_the_fix():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # use_cache=True by default
+    with pytest.raises(modfx.ModfxError, match=r"returns its KV cache .* use_cache=False"):
+        modfx.transform(transformers.LlamaForCausalLM(config), (ids(),))
+
+
 def test_static_input_axis_of_another_size_says_to_transform_again():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))

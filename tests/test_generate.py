@@ -128,6 +128,33 @@ def test_dense_baseline_generates_like_the_original_model():
     assert torch.equal(modfx.generate(mod, ids, N, dense=True), want)
 
 
+class LogitsAndLoss(torch.nn.Module):
+    """nanoGPT's interface: (logits, loss), or the same as a dict."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.model, self.as_dict = gpt.GPT(gpt.GPTConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V)), as_dict
+
+    def forward(self, idx, targets=None):
+        logits = self.model(idx).logits
+        loss = None if targets is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return {"logits": logits, "loss": loss} if self.as_dict else (logits, loss)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_a_model_returning_its_logits_in_a_tuple_or_dict_generates_from_them(as_dict):
+    torch.manual_seed(0)
+    model = LogitsAndLoss(as_dict).eval()
+    ids = torch.randint(0, V, (2, P))
+    mod = modfx.transform(model, (ids,)).eval()
+    want = ids
+    with torch.no_grad():
+        for _ in range(N):
+            logits = model(want)["logits" if as_dict else 0]
+            want = torch.cat([want, logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(modfx.generate(mod, ids, N, dense=True), want)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
     ({"max_new_tokens": 2, "temperature": 1.0, "top_k": 0}, "top_k must be None"),
