@@ -219,3 +219,49 @@ def test_attention_over_a_memory_input_with_its_own_batch_symbol_agrees_with_flo
         report = flops(m, inputs)
         data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
         assert report.total_at - data == sum(torch_count(m, inputs).values())
+
+
+class ContractionBlock(nn.Module):
+    """A residual block whose contribution is an einsum, a tensordot or a transposed convolution: ops the
+    export graph keeps whole that run as bmm / mm / convolution."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.norm, self.w = kind, nn.LayerNorm(D), nn.Parameter(torch.randn(D, D) * 0.1)
+        self.conv = nn.ConvTranspose1d(D, D, 3, padding=1)
+
+    def forward(self, x):  # [B, S, D]
+        h = self.norm(x)
+        if self.kind == "einsum":
+            return x + torch.einsum("bsd,de->bse", h, self.w)
+        if self.kind == "einsum-attention":
+            return x + torch.einsum("bqk,bkd->bqd", torch.einsum("bqd,bkd->bqk", h, h).softmax(-1), h)
+        if self.kind == "ellipsis":
+            return x + torch.einsum("...d,de->...e", h, self.w)
+        if self.kind == "tensordot":
+            return x + torch.tensordot(h, self.w, dims=([2], [0]))
+        return x + self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+class Contractions(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList(ContractionBlock(kind) for _ in range(4))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("kind", ["einsum", "einsum-attention", "ellipsis", "tensordot", "conv-transpose"])
+def test_einsum_tensordot_and_transposed_convolution_agree_with_flop_counter_mode(kind):
+    torch.manual_seed(0)
+    model, ids = Contractions(kind).eval(), torch.randint(0, V, (2, 32))
+    for m in (model, modfx.transform(model, (ids,))):
+        report = flops(m, (ids,))
+        data = sum(r.fwd for r in report.kinds if r.name in ("sort", "topk", "gather", "scatter"))
+        assert report.total_at - data == sum(torch_count(m, (ids,)).values())
+        assert report.train_at - data == sum(torch_count(m, (ids,), backward=True).values())

@@ -51,7 +51,8 @@ _DATA = ("sort", "topk", "gather", "scatter")
 _MM = {  # matmul-class op -> positions of its two operands (input, weight)
     aten.linear: (0, 1), aten.matmul: (0, 1), aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2),
     aten.baddbmm: (1, 2), aten.convolution: (0, 1), aten.conv1d: (0, 1), aten.conv2d: (0, 1),
-    aten.conv3d: (0, 1),
+    aten.conv3d: (0, 1), aten.conv_transpose1d: (0, 1), aten.conv_transpose2d: (0, 1),
+    aten.conv_transpose3d: (0, 1), aten.tensordot: (0, 1),
 }
 _ATTN = {
     aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
@@ -96,9 +97,37 @@ def _matmul(n: Node, op) -> sympy.Expr:
     if op is aten.matmul:  # broadcast batch dims folded into the rows
         rows, m = (math.prod(out[:-1]), out[-1]) if len(b) > 1 else (math.prod(out), 1)
         return mm((rows, a[-1]), (a[-1], m))
-    if op in (aten.conv1d, aten.conv2d, aten.conv3d):
-        return flop_registry[aten.convolution](a, b, None, None, None, None, False, out_val=out)
+    if op in (aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d,
+              aten.conv_transpose3d):
+        transposed = op in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+        return flop_registry[aten.convolution](a, b, None, None, None, None, transposed, out_val=out)
+    if op is aten.tensordot:  # (free of a) x (contracted) @ (contracted) x (free of b)
+        contracted = math.prod(a[d] for d in n.args[2])
+        return mm((math.prod(a) / contracted, contracted), (contracted, math.prod(b) / contracted))
     return flop_registry[op](*_shapes(n.args), out_val=out, **_shapes(n.kwargs))
+
+
+def _einsum(n: Node) -> sympy.Expr:
+    """A two-operand einsum as the bmm torch runs it: 2 x the product of the sizes of every index that is
+    kept in the output or contracted between the operands (one summed in one operand alone is reduced
+    before the product, not in it)."""
+    shapes = _shapes(n.args[1])
+    terms, _, out = n.args[0].replace(" ", "").partition("->")
+    terms = terms.split(",")
+    if not _:  # implicit output: the indices that appear once, in order
+        once = [c for c in sorted(set("".join(terms))) if "".join(terms).count(c) == 1 and c != "."]
+        out = ("..." if any("..." in t for t in terms) else "") + "".join(once)
+    sizes, names = {}, []
+    for term, shape in zip(terms, shapes):
+        k = len(shape) - len(term.replace("...", ""))
+        letters = term.replace("...", "".join(chr(0x100 + k - 1 - i) for i in range(k)))  # ellipsis dims, right-aligned
+        names.append(letters)
+        for c, s in zip(letters, shape):
+            sizes[c] = s if c not in sizes or sizes[c] == 1 else sizes[c]
+    k_out = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes)), default=0)
+    out = out.replace("...", "".join(chr(0x100 + k_out - 1 - i) for i in range(k_out)))
+    kept = [c for c in sizes if c in out or all(c in letters for letters in names)]
+    return 2 * math.prod(sizes[c] for c in kept)
 
 
 def _data(n: Node, role: str) -> sympy.Expr:
@@ -121,6 +150,10 @@ def node_cost(n: Node, grads: set[Node]) -> tuple[str, sympy.Expr, sympy.Expr]:
     zero = sympy.Integer(0)
     if role in _DATA:
         return role, sympy.sympify(_data(n, role)), zero
+    if op is aten.einsum and len(n.args[1]) == 2:
+        fwd = sympy.sympify(_einsum(n))
+        needs = sum(1 for a in n.args[1] if a in grads) if n in grads else 0
+        return role or "matmul", fwd, fwd * needs
     if op in _MM:
         fwd = sympy.sympify(_matmul(n, op))
         needs = sum(1 for i in _MM[op] if i < len(n.args) and n.args[i] in grads) if n in grads else 0
