@@ -524,3 +524,42 @@ def test_a_learnable_table_that_starts_causal_is_still_a_position_table(ids):
         block.attn.bias = nn.Parameter(block.attn.bias.clone())
     with pytest.raises(modfx.ModfxError, match="slices a position table"):
         modfx.transform(model, (ids,))
+
+
+class PositionAddedPostNormLayer(nn.Module):
+    """DETR's post-norm encoder layer: a positional input is added to x for the queries and keys, so two
+    [B, S, D] inputs are added inside the layer; only x is added to something computed from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.norm1 = nn.MultiheadAttention(D, H, batch_first=True), nn.LayerNorm(D)
+        self.ff, self.norm2 = nn.Sequential(nn.Linear(D, 2 * D), nn.ReLU(), nn.Linear(2 * D, D)), nn.LayerNorm(D)
+
+    def forward(self, x, pos):
+        q = k = x + pos
+        x = self.norm1(x + self.attn(q, k, x, need_weights=False)[0])
+        return self.norm2(x + self.ff(x))
+
+
+class PositionAddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(PositionAddedPostNormLayer() for _ in range(L))
+
+    def forward(self, x, pos):
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
+
+
+def test_a_post_norm_layer_that_adds_positions_to_x_passes_x_along_for_skipped_tokens():
+    model = PositionAddedEncoder().eval()
+    x, pos = torch.randn(2, 16, D), torch.randn(2, 16, D)
+    mod = modfx.transform(model, (x, pos), capacity=0.25, blocks=(L - 1,))
+    x, pos = torch.randn(3, 20, D), torch.randn(3, 20, D)
+    with torch.no_grad():
+        h = x
+        for layer in model.layers[:-1]:
+            h = layer(h, pos)
+        unchanged = (mod(x, pos) == h).all(-1).sum(1)
+    assert unchanged.tolist() == [20 - 5] * 3  # k = ceil(0.25 * 20) tokens ran the last layer

@@ -299,8 +299,13 @@ def _analyse(graph: Graph, path: str, index: int, seq_expr: sympy.Expr | None) -
         if t is not None:
             x, terms = c, t
             break
-    if x is None:
-        post_norm = [c for c in candidates if any(u.target in _ADDS and u in region for u in c.users)]
+    if x is None:  # post-norm: x is added to something computed from it, x + f(x), then normalised
+        added = [c for c in candidates if any(u.target in _ADDS and u in region for u in c.users)]
+        post_norm = [c for c in added if any(u.target in _ADDS and u in region and
+                                             any(_reaches(a, c, region) for a in u.all_input_nodes if a is not c)
+                                             for u in c.users)]
+        if len(post_norm) != 1:  # (a positional input added to x, as DETR's `x + pos`, is not x + f(x))
+            post_norm = added
         if len(post_norm) != 1:
             raise _Invalid(f"{path} has no residual add of a [B, S, D] input")
         x = post_norm[0]
@@ -393,6 +398,19 @@ def residual_terms(node: Node, x: Node, region: set[Node]) -> list[Node] | None:
         if shape_exprs(src) == shape_exprs(node) and src.meta["val"].dtype == node.meta["val"].dtype:
             return residual_terms(src, x, region)
     return None
+
+
+def _reaches(node: Node, target: Node, region: set) -> bool:
+    """Is `node` computed from `target`, through nodes of the region?"""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n is target:
+            return True
+        if n in region and n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def _make_contiguous(graph: Graph, nodes: list[Node], path: str) -> list[Node]:
