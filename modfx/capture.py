@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import operator
 import re
 import types
@@ -188,8 +189,6 @@ def _warn_about_hooks(model: nn.Module) -> None:
 
 def _through_var_parameters(model: nn.Module, n_args: int, kwargs: dict) -> bool:
     """Does forward take some of these inputs through `*args` or `**kwargs`?"""
-    import inspect
-
     params = list(inspect.signature(model.forward).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -211,8 +210,6 @@ def _marked(inputs, specs):
 
 
 def _arg_names(model: nn.Module, dyn_args: tuple) -> dict:
-    import inspect
-
     names = [p for p in inspect.signature(model.forward).parameters]
     return dict(zip(names, dyn_args))
 

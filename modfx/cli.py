@@ -29,6 +29,7 @@ import time
 import warnings
 
 import torch
+from torch.utils import _pytree as pytree
 from tabulate import tabulate
 
 import modfx
@@ -209,8 +210,6 @@ def token_inputs(flag: str | None) -> str | tuple[str, ...] | None:
 
 def _first_tensor(out):
     """The first tensor among a model's outputs (logits, or a tuple/dict/ModelOutput that holds them first)."""
-    from torch.utils import _pytree as pytree
-
     return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 

@@ -112,9 +112,9 @@ def _einsum(n: Node) -> sympy.Expr:
     kept in the output or contracted between the operands (one summed in one operand alone is reduced
     before the product, not in it)."""
     shapes = _shapes(n.args[1])
-    terms, _, out = n.args[0].replace(" ", "").partition("->")
+    terms, arrow, out = n.args[0].replace(" ", "").partition("->")
     terms = terms.split(",")
-    if not _:  # implicit output: the indices that appear once, in order
+    if not arrow:  # implicit output: the indices that appear once, in order
         once = [c for c in sorted(set("".join(terms))) if "".join(terms).count(c) == 1 and c != "."]
         out = ("..." if any("..." in t for t in terms) else "") + "".join(once)
     sizes, names = {}, []
